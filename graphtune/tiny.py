@@ -80,12 +80,12 @@ def tiny_model(family: str, *, lora: bool = False, seed: int = 0, dtype: torch.d
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * 0.05)
     return model
 
 
 def tiny_batch(batch: int = 2, seq: int = 8, vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:
     """input_ids and labels for a tiny model (labels are a distinct tensor: dynamo dedups aliases)."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g, device="cpu").to(torch.get_default_device())
     return {"input_ids": ids, "labels": ids.clone()}

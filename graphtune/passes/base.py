@@ -62,7 +62,10 @@ def _clean_path(path: str) -> str:
     path = _DYNAMO_PREFIX.sub("", path)
     path = _DICT_MODULES.sub(lambda m: "." + (m.group(1) or m.group(2)), path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path.lstrip(".")
+    path = path.lstrip(".")
+    while path.startswith("__self__"):  # reached through a bound method (graphtune's entry)
+        path = path[len("__self__"):].lstrip(".")
+    return path
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:

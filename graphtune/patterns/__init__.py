@@ -155,6 +155,13 @@ def detect_family(features: GraphFeatures) -> tuple[type[Family] | None, str]:
     """The family whose structure (and decoder-layer class, to break ties) the graph shows."""
     structural = [f for f in families().values() if f.matches_structure(features)]
     if not structural:
+        by_class = [f for f in families().values() if f.decoder_layer_class in features.decoder_layer_classes]
+        if by_class:
+            fam = by_class[0]
+            diffs = ", ".join(
+                f"{k}={getattr(features, k)!r} (expected {v!r})" for k, v in fam.structure.items() if getattr(features, k) != v
+            )
+            return fam, f"{fam.decoder_layer_class} matches but the rewritten graph's structure differs: {diffs}"
         return None, f"no registered family has this structure: {features.as_dict()}"
     exact = [f for f in structural if f.decoder_layer_class in features.decoder_layer_classes]
     if len(exact) == 1:

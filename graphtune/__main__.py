@@ -1,0 +1,3 @@
+from graphtune.cli import main
+
+raise SystemExit(main())

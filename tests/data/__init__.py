@@ -1,0 +1,1 @@
+"""Tests of graphtune.data (code-corpus curation)."""
