@@ -33,6 +33,8 @@ def test_family_matches_eager(family, lora):
     assert report.family == family, report.family_reason
     counts = report.counts
     assert (counts["fuse_rms_norm"], counts["fuse_rope"], counts["fuse_swiglu"], counts["fuse_geglu"]) == EXPECTED[family]
+    # LoRA on every projection: 7 per layer, or 4 with Phi-3's fused qkv / gate_up
+    assert counts["fuse_lora"] == ((8 if family == "phi3" else 14) if lora else 0)
     assert report.unmatched == [], report.summary()
     assert report.warnings == [], report.summary()
     assert not any(p.refused for p in report.passes), report.summary()

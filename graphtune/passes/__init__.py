@@ -17,12 +17,13 @@ import torch.fx as fx
 
 from graphtune.passes.base import GraphContext, Match, Pass, Rewrite
 from graphtune.passes.fuse_geglu import FuseGeGLU
+from graphtune.passes.fuse_lora import FuseLoRA
 from graphtune.passes.fuse_rms_norm import FuseRMSNorm
 from graphtune.passes.fuse_rope import FuseRoPE
 from graphtune.passes.fuse_swiglu import FuseSwiGLU
 from graphtune.report import PassResult
 
-PASS_CLASSES: tuple[type[Pass], ...] = (FuseRMSNorm, FuseRoPE, FuseSwiGLU, FuseGeGLU)
+PASS_CLASSES: tuple[type[Pass], ...] = (FuseLoRA, FuseRMSNorm, FuseRoPE, FuseSwiGLU, FuseGeGLU)
 
 __all__ = ["GraphContext", "Match", "Pass", "Rewrite", "PASS_CLASSES", "default_passes", "run_pipeline", "pass_by_name"]
 

@@ -99,6 +99,17 @@ def _layer_paths(graph: fx.Graph) -> dict[str, str]:
     return layers
 
 
+def _projection_bias_index(node: fx.Node) -> int | None:
+    """Position of the bias argument if ``node`` is a projection (a linear, or a fused LoRA linear)."""
+    if node.op != "call_function":
+        return None
+    if getattr(node.target, "__name__", "") == "linear":
+        return 2
+    if str(node.target).startswith("graphtune.lora_linear"):
+        return 3
+    return None
+
+
 def extract_features(graph: fx.Graph, counts: dict[str, dict[str, int]]) -> GraphFeatures:
     """Read the structural features of a graph after the rewrite passes ran.
 
@@ -115,14 +126,15 @@ def extract_features(graph: fx.Graph, counts: dict[str, dict[str, int]]) -> Grap
         if node.meta.get("graphtune_pass") == "fuse_rms_norm" and node.op == "call_function":
             if any(cls.endswith("Attention") for _, cls in stack):
                 qk_norms += 1
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "linear":
+        bias_index = _projection_bias_index(node)
+        if bias_index is not None:
             attn = [p for p, cls in stack if cls.endswith("Attention")]
             if attn:
                 child = stack[[p for p, _ in stack].index(attn[-1]) + 1][0] if len(stack) > 1 else ""
                 # the projection module directly under the attention module (peft's base_layer
                 # and lora_A/B sit deeper and collapse onto their projection)
                 attn_children.setdefault(attn[-1], set()).add(child)
-                bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+                bias = node.args[bias_index] if len(node.args) > bias_index else node.kwargs.get("bias")
                 if bias is not None and "o_proj" not in child:
                     qkv_bias = True
     if attn_children:

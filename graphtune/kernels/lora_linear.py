@@ -1,0 +1,129 @@
+"""LoRA projection ``x W^T + b + s * (x_lora A^T) B^T`` as one custom op, ``graphtune::lora_linear``.
+
+Why one op: peft's eager graph saves both ``x`` (for dA) and the rank-r activation ``h = x_lora A^T``
+(for dB) per projection, and autograd would also keep the scaled intermediates. This op saves only
+``x_lora`` (the same tensor object as ``x`` without dropout, so projections sharing an input share
+it) and recomputes ``h`` in the backward -- an (N x r) matmul. The frozen base weight never gets a
+gradient; the guard in ``fuse_lora`` refuses a trainable base weight.
+
+``x_lora`` is ``dropout(x)`` when lora_dropout > 0 (the graph keeps peft's dropout node, so the
+mask and the RNG stream are peft's own) and ``x`` itself otherwise.
+
+Math of the backward, with ``g = dY * s``::
+
+    dB = g^T h          dh = g B          dA = dh^T x_lora
+    dx = dY W           dx_lora = dh A    db = sum(dY)
+
+Matmuls run in the input dtype, as peft's do; the op is device-agnostic torch (cuBLAS on GPU).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lora_linear", "reference_lora_linear"]
+
+
+def reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling: float):
+    """peft's ``Linear.forward`` for one active adapter: base + B(A(x_lora)) * scaling."""
+    return F.linear(x, weight, bias) + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+
+
+def _check(x, x_lora, weight, lora_a, lora_b):
+    if x.shape != x_lora.shape:
+        raise ValueError(f"graphtune::lora_linear: x {tuple(x.shape)} and x_lora {tuple(x_lora.shape)} differ")
+    if weight.dim() != 2 or lora_a.dim() != 2 or lora_b.dim() != 2:
+        raise ValueError("graphtune::lora_linear: weight, lora_a and lora_b must be 2-D")
+    if lora_a.shape[1] != x.shape[-1] or weight.shape[1] != x.shape[-1] or lora_b.shape[1] != lora_a.shape[0] or lora_b.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"graphtune::lora_linear: shapes do not chain: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+            f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}"
+        )
+
+
+@torch.library.custom_op("graphtune::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    x_lora: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+) -> torch.Tensor:
+    _check(x, x_lora, weight, lora_a, lora_b)
+    return reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling).contiguous()
+
+
+@_lora_linear_op.register_fake
+def _lora_linear_fake(x, x_lora, weight, bias, lora_a, lora_b, scaling):
+    _check(x, x_lora, weight, lora_a, lora_b)
+    dtype = torch.promote_types(x.dtype, weight.dtype)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("graphtune::lora_linear_backward", mutates_args=())
+def _lora_linear_backward_op(
+    dy: torch.Tensor,
+    x_lora: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    need_bias_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dx_lora, dA, dB, db-or-empty); h = x_lora A^T is recomputed here."""
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    xl2 = x_lora.reshape(-1, x_lora.shape[-1])
+    h = xl2 @ lora_a.t()
+    g = dy2 * scaling
+    d_b = g.t() @ h
+    dh = g @ lora_b
+    d_a = dh.t() @ xl2
+    dx = (dy2 @ weight).reshape(x_lora.shape)
+    dx_lora = (dh @ lora_a).reshape(x_lora.shape)
+    db = dy2.sum(0) if need_bias_grad else dy2.new_empty(0)
+    return dx, dx_lora, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype), db
+
+
+@_lora_linear_backward_op.register_fake
+def _lora_linear_backward_fake(dy, x_lora, weight, lora_a, lora_b, scaling, need_bias_grad):
+    n_out = weight.shape[0]
+    return (
+        x_lora.new_empty(x_lora.shape, dtype=torch.promote_types(dy.dtype, weight.dtype)),
+        x_lora.new_empty(x_lora.shape, dtype=torch.promote_types(dy.dtype, lora_a.dtype)),
+        lora_a.new_empty(lora_a.shape),
+        lora_b.new_empty(lora_b.shape),
+        dy.new_empty((n_out,) if need_bias_grad else (0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, x_lora, weight, bias, lora_a, lora_b, scaling = inputs
+    ctx.save_for_backward(x_lora, weight, lora_a, lora_b)  # never h, never x separately
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    x_lora, weight, lora_a, lora_b = ctx.saved_tensors
+    need_db = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dx_lora, d_a, d_b, db = _lora_linear_backward_op(dy, x_lora, weight, lora_a, lora_b, ctx.scaling, need_db)
+    return (
+        dx if ctx.needs_input_grad[0] else None,
+        dx_lora if ctx.needs_input_grad[1] else None,
+        None,  # the frozen base weight: the pass refuses a trainable one
+        db if need_db else None,
+        d_a if ctx.needs_input_grad[4] else None,
+        d_b if ctx.needs_input_grad[5] else None,
+        None,
+    )
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """One LoRA projection via ``graphtune::lora_linear`` (see the module docstring)."""
+    return torch.ops.graphtune.lora_linear(x, x_lora, weight, bias, lora_a, lora_b, float(scaling))

@@ -1,0 +1,82 @@
+"""fuse_lora: peft's LoRA projection ``linear(x, W, b) + linear(linear(x_lora, A), B) * s`` -> ``graphtune::lora_linear``.
+
+Matches the subgraph peft's ``lora.Linear.forward`` produces for one active adapter, with or without
+lora_dropout (``x_lora`` is then peft's own dropout node, left in place so the mask is peft's), with
+or without a base bias (Qwen-2's q/k/v), and for fused base projections (Phi-3's qkv_proj and
+gate_up_proj are ordinary linears here). rsLoRA only changes the literal ``s``. The op saves only
+``x_lora`` and recomputes the rank-r activation in its backward.
+
+Never fires when: the base weight requires grad (the op gives it none); the scaling is not a literal
+number; x, W, A and B differ in dtype (peft casts x to the adapter dtype in a node the pattern does
+not contain); or an intermediate escapes. DoRA, LoRA on embeddings and bitsandbytes bases
+(``gemm_4bit`` / ``autograd_function_apply``) have other subgraphs, are not matched, and their modules
+appear as unmatched in the report.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.functional import linear
+
+from graphtune.passes._guards import check_literal_number, check_tensor
+from graphtune.passes.base import GraphContext, Match, Pass, Rewrite, module_path
+
+
+def lora_pattern(x, weight, bias, lora_a, lora_b, scaling, dtype):
+    result = linear(x, weight, bias)
+    result = result + linear(linear(x, lora_a, None), lora_b, None) * scaling
+    return result.to(dtype)
+
+
+def lora_replacement(x, weight, bias, lora_a, lora_b, scaling, dtype):
+    return torch.ops.graphtune.lora_linear(x, x, weight, bias, lora_a, lora_b, scaling).to(dtype)
+
+
+# lora_dropout > 0: the adapter reads peft's dropout node (a graph node is matched by one wildcard only,
+# so the shared-input case above is its own pattern)
+def lora_dropout_pattern(x, x_lora, weight, bias, lora_a, lora_b, scaling, dtype):
+    result = linear(x, weight, bias)
+    result = result + linear(linear(x_lora, lora_a, None), lora_b, None) * scaling
+    return result.to(dtype)
+
+
+def lora_dropout_replacement(x, x_lora, weight, bias, lora_a, lora_b, scaling, dtype):
+    return torch.ops.graphtune.lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling).to(dtype)
+
+
+LORA = Rewrite("peft_linear", lora_pattern, lora_replacement)
+LORA_DROPOUT = Rewrite("peft_linear_dropout", lora_dropout_pattern, lora_dropout_replacement)
+
+
+def can_fuse_lora(match: Match, ctx: GraphContext) -> str | None:
+    inputs = match.inputs
+    if reason := check_literal_number("scaling", inputs["scaling"]):
+        return reason
+    tensors = {name: ctx.example(inputs[name]) for name in ("x", "x_lora", "weight", "lora_a", "lora_b") if name in inputs}
+    for name, t in tensors.items():
+        if reason := check_tensor(name, t):
+            return reason
+    if ctx.requires_grad(inputs["weight"]):
+        return "the base weight requires grad (full fine-tuning of a LoRA-wrapped layer); the op gives it no gradient"
+    if len({t.dtype for t in tensors.values()}) != 1:
+        return "x, base weight and LoRA weights differ in dtype: " + ", ".join(f"{k}={v.dtype}" for k, v in tensors.items())
+    if inputs["bias"] is not None and ctx.example(inputs["bias"]) is None:
+        return "bias is neither None nor a tensor"
+    if tensors["weight"].dim() != 2 or tensors["lora_a"].dim() != 2 or tensors["lora_b"].dim() != 2:
+        return "weights are not 2-D"
+    return None
+
+
+class FuseLoRA(Pass):
+    name = "fuse_lora"
+    rewrites = (LORA, LORA_DROPOUT)
+    op_names = ("graphtune.lora_linear",)
+
+    def guard(self, match: Match, ctx: GraphContext) -> str | None:
+        return can_fuse_lora(match, ctx)
+
+    def is_candidate_module(self, class_name: str, nodes) -> bool:
+        # a peft LoRA layer: a Linear with lora_A/lora_B children, or an Embedding with lora_embedding_A/B
+        return class_name in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding") and any(
+            ".lora_A" in module_path(n) or "lora_embedding" in n.name for n in nodes
+        )

@@ -1,0 +1,111 @@
+"""fuse_lora on peft models: counts, eager equivalence (incl. dropout with peft's own mask, rsLoRA,
+several adapters with one active), refusals and unmatched reporting (DoRA, trainable base weight)."""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+
+import graphtune
+from graphtune.kernels.lora_linear import lora_linear, reference_lora_linear
+from graphtune.tiny import tiny_batch, tiny_model
+from tests.conftest import rel_err
+from tests.helpers import compare_step
+
+
+def _peft(family="llama", seed=0, **lora_kw):
+    torch.manual_seed(seed)
+    base = tiny_model(family)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora_kw)
+    model = peft.get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(2, 7, 24), (5, 33)])
+def test_op_matches_reference_with_a_dropout_mask(shape, bias):
+    """The op against peft's math on the same dropped input (a fixed mask), forward and backward."""
+    x = torch.randn(shape, dtype=torch.float64)
+    mask = (torch.rand(shape) > 0.3).double() / 0.7
+    w = torch.randn(19, shape[-1], dtype=torch.float64)
+    b = torch.randn(19, dtype=torch.float64) if bias else None
+    a, bb = torch.randn(4, shape[-1], dtype=torch.float64), torch.randn(19, 4, dtype=torch.float64)
+
+    def run(fn):
+        xs = x.clone().requires_grad_()
+        ps = [a.clone().requires_grad_(), bb.clone().requires_grad_()]
+        bias_t = b.clone().requires_grad_() if b is not None else None
+        y = fn(xs, xs * mask, w, bias_t, ps[0], ps[1], 0.5)
+        y.backward(torch.ones_like(y).cumsum(-1))
+        return [y, xs.grad, ps[0].grad, ps[1].grad] + ([bias_t.grad] if b is not None else [])
+
+    for got, want in zip(run(lora_linear), run(reference_lora_linear)):
+        assert rel_err(got, want) <= 1e-12
+
+
+def test_counts_and_eager_equivalence_with_rslora():
+    ref, opt = _peft(use_rslora=True), _peft(use_rslora=True)
+    graphtune.optimize(opt, compiler="aot_eager")
+    compare_step(ref, opt, tiny_batch(3, 11))
+    report = graphtune.last_report(opt)
+    assert report.counts["fuse_lora"] == 14 and report.unmatched == []
+
+
+def test_dropout_uses_peft_mask():
+    """lora_dropout > 0: peft's dropout node stays in the graph; same seed => same mask => same grads."""
+    ref, opt = _peft(lora_dropout=0.25), _peft(lora_dropout=0.25)
+    graphtune.optimize(opt, compiler="aot_eager")
+    batch = tiny_batch(2, 9)
+    torch.manual_seed(123)
+    out_ref = ref(**batch)
+    torch.manual_seed(123)
+    out_opt = opt(**batch)
+    assert graphtune.last_report(opt).passes[0].by_rewrite == {"peft_linear_dropout": 14}
+    out_ref.loss.backward()
+    out_opt.loss.backward()
+    assert rel_err(out_opt.loss, out_ref.loss) <= 1e-5
+    for (n, a), (_, b) in zip(opt.named_parameters(), ref.named_parameters()):
+        if b.requires_grad:
+            assert rel_err(a.grad, b.grad) <= 1e-5, n
+
+
+def test_several_adapters_one_active():
+    ref, opt = _peft(), _peft()
+    for m in (ref, opt):
+        m.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))
+        m.set_adapter("default")
+    graphtune.optimize(opt, compiler="aot_eager")
+    compare_step(ref, opt, tiny_batch(2, 8))
+    assert graphtune.last_report(opt).counts["fuse_lora"] == 14
+
+
+def test_dora_gets_a_clear_capture_error():
+    """peft's DoRA forward is not capturable as one graph by dynamo (torch 2.13): say so clearly."""
+    model = _peft(use_dora=True)
+    with pytest.raises(graphtune.CaptureError, match="could not capture"):
+        graphtune.explain(model, **tiny_batch())
+
+
+def test_lora_on_embeddings_is_reported_unmatched():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    report = graphtune.explain(model, **tiny_batch())
+    assert report.counts["fuse_lora"] == 2
+    unmatched = [u.module for u in report.unmatched if u.expected_pass == "fuse_lora"]
+    assert unmatched == ["base_model.model.model.embed_tokens"], report.summary()
+
+
+def test_trainable_base_weight_is_refused():
+    model = _peft()
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    report = graphtune.explain(model, **tiny_batch())
+    lora = next(p for p in report.passes if p.name == "fuse_lora")
+    assert lora.count == 13 and len(lora.refused) == 1
+    assert "base weight requires grad" in lora.refused[0].reason
