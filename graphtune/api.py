@@ -7,6 +7,8 @@ dynamo-compiled entry whose backend rewrites the captured graph. ``restore`` rem
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 
 from graphtune.capture import COMPILERS, CapturedGraph, capture, fresh_entry, make_backend, mark_dynamic_inputs
 from graphtune.errors import CaptureError, GraphtuneError, VerificationError
+from graphtune.memory import MEMORY_COMPILERS, MemoryBudget, MemoryPolicy, hf_checkpointing_off, parse_budget  # memory_budget
 from graphtune.passes import Pass, default_passes, pass_by_name
 from graphtune.report import Report
 
@@ -85,6 +88,24 @@ def _check_inputs(args: Sequence[Any], kwargs: dict[str, Any]) -> None:
             raise ValueError(f"input_ids must be 2-D [batch, sequence], got shape {tuple(a.shape)}")
 
 
+def _attention_configs(model: torch.nn.Module) -> list[Any]:
+    """Configs of the transformers models in ``model`` that can run graphtune's attention node."""
+    if "transformers" not in sys.modules:  # not a transformers model: nothing to switch
+        return []
+    from graphtune import attention
+
+    return attention.configs(model)
+
+
+def _attention_scope(configs: list[Any]) -> contextlib.AbstractContextManager:
+    """Inside: every config in ``configs`` uses ``attn_implementation="graphtune"`` (restored after)."""
+    if not configs:
+        return contextlib.nullcontext()
+    from graphtune import attention
+
+    return attention.implementation(configs)
+
+
 def _outputs_to_tensors(out: Any) -> dict[str, torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return {"output": out}
@@ -117,8 +138,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 class OptimizedForward:
     """The callable installed as ``model.forward`` by :func:`optimize`."""
 
-    def __init__(self, model: torch.nn.Module, passes: list[Pass], compiler: str | Callable, verify: bool, dtype: torch.dtype):
+    def __init__(self, model: torch.nn.Module, passes: list[Pass], compiler: str | Callable, verify: bool, dtype: torch.dtype, attention: bool = True, memory_budget: MemoryBudget | None = None):
         self.model = model
+        # memory_budget (graphtune/memory.py): the policy partitions with keep/recompute/offload decisions
+        self.memory = MemoryPolicy(memory_budget)
+        compiler = self.memory.wrap_compiler(compiler)
+        # switched only for the duration of each compiled call: eager use of the model is untouched
+        self.attention_configs = _attention_configs(model) if attention else []
         self.original_forward = type(model).forward.__get__(model)
         self.passes = passes
         self.compiler = compiler
@@ -159,7 +185,8 @@ class OptimizedForward:
     def _call_compiled(self, fn: Callable, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
         mark_dynamic_inputs(args, kwargs)
         try:
-            return fn(*args, **kwargs)
+            with _attention_scope(self.attention_configs), hf_checkpointing_off(self.model, self.memory):
+                return fn(*args, **kwargs)
         except GraphtuneError:
             raise
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
@@ -229,6 +256,8 @@ def optimize(
     passes: Sequence[Pass | str] | None = None,
     compiler: str | Callable = "inductor",
     verify: bool = False,
+    attention: bool = True,
+    memory_budget: float | str | None = None,
 ) -> torch.nn.Module:
     """Return ``model`` (same object, plain or peft-wrapped) with a captured, rewritten, compiled forward.
 
@@ -237,13 +266,24 @@ def optimize(
     With ``verify=True`` the first batch runs eagerly as well and outputs and gradients of the
     trainable parameters are compared; a difference raises :class:`VerificationError` naming the
     offending pass. A model in which no known pattern is found is left unchanged, with a warning
-    that shows the report.
+    that shows the report. With ``attention=True`` (default) a transformers model's attention runs
+    through graphtune's attention node during optimized calls (``attn_implementation="graphtune"``,
+    no ``[B, 1, T, T]`` mask; the ``dispatch_attention`` pass picks the kernel per layer);
+    ``attention=False`` keeps the model's own implementation.
+    ``memory_budget`` bounds activation memory (see ``docs_memory.md``): ``None`` keeps what the
+    partitioner keeps; a fraction in [0, 1] or ``"60%"`` of that plan's activation peak, or a size
+    such as ``"4GiB"``; graphtune then recomputes decoder layers and offloads saved activations to
+    host memory until the estimated peak fits. HF ``gradient_checkpointing_enable()`` is honoured:
+    graphtune recomputes the same layers itself (with ``memory_budget`` set, the budget decides).
     """
     dtype = _check_model(model)
     if isinstance(compiler, str) and compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {', '.join(COMPILERS)} or a dynamo backend callable, not {compiler!r}")
+    budget = parse_budget(memory_budget)
+    if budget is not None and compiler not in MEMORY_COMPILERS:
+        raise ValueError(f"memory_budget needs compiler 'inductor' or 'aot_eager' (it acts on AOTAutograd's partition), not {compiler!r}")
     restore(model)
-    model.forward = OptimizedForward(model, _resolve_passes(passes), compiler, verify, dtype)
+    model.forward = OptimizedForward(model, _resolve_passes(passes), compiler, verify, dtype, attention, budget)
     return model
 
 
@@ -260,7 +300,13 @@ def last_report(model: torch.nn.Module) -> Report | None:
     return fwd.report if isinstance(fwd, OptimizedForward) else None
 
 
-def explain(model: torch.nn.Module, *args: Any, passes: Sequence[Pass | str] | None = None, **example_inputs: Any) -> Report:
+def explain(
+    model: torch.nn.Module,
+    *args: Any,
+    passes: Sequence[Pass | str] | None = None,
+    attention: bool = True,
+    **example_inputs: Any,
+) -> Report:
     """Capture ``model`` on the example inputs and report what the passes would do.
 
     The report holds the detected family, per-pass rewrite counts (and refusals with reasons),
@@ -272,7 +318,8 @@ def explain(model: torch.nn.Module, *args: Any, passes: Sequence[Pass | str] | N
     fwd = model.__dict__.get("forward")
     forward = fwd.original_forward if isinstance(fwd, OptimizedForward) else type(model).forward.__get__(model)
     try:
-        captured, _ = capture(model, forward, args, example_inputs, _resolve_passes(passes))
+        with _attention_scope(_attention_configs(model) if attention else []), hf_checkpointing_off(model):
+            captured, _ = capture(model, forward, args, example_inputs, _resolve_passes(passes))
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
         raise CaptureError(f"graphtune could not capture this model's forward as one graph: {e}") from e
     return captured.report

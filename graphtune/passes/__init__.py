@@ -16,14 +16,22 @@ from collections.abc import Sequence
 import torch.fx as fx
 
 from graphtune.passes.base import GraphContext, Match, Pass, Rewrite
+from graphtune.passes.dispatch_attention import DispatchAttention
 from graphtune.passes.fuse_geglu import FuseGeGLU
+from graphtune.passes.fuse_linear_cross_entropy import FuseLinearCrossEntropy
 from graphtune.passes.fuse_lora import FuseLoRA
+from graphtune.passes.fuse_qlora import FuseQLoRA
+from graphtune.passes.fuse_lora_mlp import FuseLoRAMLP
 from graphtune.passes.fuse_rms_norm import FuseRMSNorm
 from graphtune.passes.fuse_rope import FuseRoPE
 from graphtune.passes.fuse_swiglu import FuseSwiGLU
+from graphtune.passes.group_lora import GroupLoRA
 from graphtune.report import PassResult
 
-PASS_CLASSES: tuple[type[Pass], ...] = (FuseLoRA, FuseRMSNorm, FuseRoPE, FuseSwiGLU, FuseGeGLU)
+# dispatch_attention runs last: it lowers attention nodes to kernel calls other passes do not match
+PASS_CLASSES: tuple[type[Pass], ...] = (
+    FuseLoRA, FuseQLoRA, FuseRMSNorm, FuseRoPE, FuseSwiGLU, FuseGeGLU, FuseLoRAMLP, GroupLoRA, FuseLinearCrossEntropy, DispatchAttention,
+)
 
 __all__ = ["GraphContext", "Match", "Pass", "Rewrite", "PASS_CLASSES", "default_passes", "run_pipeline", "pass_by_name"]
 
