@@ -15,7 +15,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
-	$(PIP) install -q -e ".[dev,data]"
+	$(PIP) install -q -e ".[dev,data,gguf,quant]"
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,6 +26,7 @@ demo: $(STAMP)
 # Kernels run through Triton's CPU interpreter in their own process (TRITON_INTERPRET is read when
 # kernels are defined); the rest runs the same custom ops on their torch reference path.
 test: $(STAMP)
+	bash tests/export/install_llama_cpp.sh $(PY)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels -q
 	$(PY) -m pytest tests -q --ignore=tests/kernels
 

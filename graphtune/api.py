@@ -135,6 +135,16 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / max(scale, 1e-12) if a.numel() else 0.0
 
 
+def _logits_not_materialized(ref: torch.Tensor, got: torch.Tensor, report: Report | None) -> bool:
+    """fuse_linear_cross_entropy fired: the graph returns an empty ``[..., 0]`` tensor where the logits were."""
+    return (
+        report is not None
+        and report.counts.get("fuse_linear_cross_entropy", 0) > 0
+        and got.numel() == 0
+        and got.shape[:-1] == ref.shape[:-1]
+    )
+
+
 class OptimizedForward:
     """The callable installed as ``model.forward`` by :func:`optimize`."""
 
@@ -166,6 +176,10 @@ class OptimizedForward:
         if self.passthrough:
             return self.original_forward(*args, **kwargs)
         _check_inputs(args, kwargs)
+        if self.attention_configs and self.model.training and "use_cache" not in kwargs:
+            # a training step never reads a KV cache; building one costs a copy of k and v per layer.
+            # Only with graphtune's attention: HF's own mask code would then build a [B, 1, T, T] mask.
+            kwargs["use_cache"] = False
         first = not self.captures
         if first and self.verify:
             return self._verified_call(args, kwargs)
@@ -217,6 +231,8 @@ class OptimizedForward:
                 if name not in g:
                     problems.append(f"{kind} {name} missing from the optimized run")
                     continue
+                if kind == "output" and _logits_not_materialized(r[name], g[name], self.report):
+                    continue  # fuse_linear_cross_entropy returns an empty [..., 0] tensor as logits
                 if r[name].shape != g[name].shape:
                     problems.append(f"{kind} {name} shape {tuple(g[name].shape)} != eager {tuple(r[name].shape)}")
                     continue
@@ -273,8 +289,9 @@ def optimize(
     ``memory_budget`` bounds activation memory (see ``docs_memory.md``): ``None`` keeps what the
     partitioner keeps; a fraction in [0, 1] or ``"60%"`` of that plan's activation peak, or a size
     such as ``"4GiB"``; graphtune then recomputes decoder layers and offloads saved activations to
-    host memory until the estimated peak fits. HF ``gradient_checkpointing_enable()`` is honoured:
-    graphtune recomputes the same layers itself (with ``memory_budget`` set, the budget decides).
+    host memory until the estimated peak fits (``"checkpoint"`` / ``"offload"`` name those plans).
+    HF ``gradient_checkpointing_enable()`` is honoured: graphtune recomputes the same layers itself
+    (with ``memory_budget`` set, the budget decides).
     """
     dtype = _check_model(model)
     if isinstance(compiler, str) and compiler not in COMPILERS:

@@ -222,8 +222,10 @@ def run_implementation(impl, q, k, v, seq_ids, kv_mask, cu_seqlens, scale, causa
     """Run ``impl`` on live tensors (eager path; the pass emits the same calls into graphs)."""
     if impl == "reference":
         return torch.ops.graphtune.attention(q, k, v, seq_ids, kv_mask, cu_seqlens, scale, causal, window, softcap, "reference")
-    if impl.startswith("sdpa_"):
-        return ka.sdpa_attention(q, k, v, scale, causal, impl[len("sdpa_"):])
+    if impl == "sdpa_masked":
+        return ka.sdpa_masked_attention(q, k, v, seq_ids, kv_mask, scale, causal, window)
+    if impl.startswith("sdpa"):
+        return ka.sdpa_attention(q, k, v, scale, causal, impl[len("sdpa_"):] if impl.startswith("sdpa_") else "auto")
     if impl == "flash":
         return ka.flash_attention(q, k, v, cu_seqlens, q.shape[2], scale, causal, window)
     if impl == "flex":

@@ -1,4 +1,4 @@
-"""Command line: ``graphtune demo`` (offline, tiny model), ``graphtune explain``, ``graphtune data curate``."""
+"""Command line: ``graphtune demo`` (offline, tiny model), ``graphtune explain``, ``graphtune data curate``, ``graphtune export``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         return _data(argv[1:])
+    if argv and argv[0] == "export":
+        from graphtune.export.cli import main as export_main
+
+        return int(export_main(argv[1:]) or 0)
     from graphtune.tiny import FAMILIES
 
     parser = argparse.ArgumentParser(prog="graphtune", description=__doc__)
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ex.add_argument("--graph", action="store_true", help="also print the canonical graph text")
     ex.set_defaults(fn=_explain)
     sub.add_parser("data", help="code-corpus curation: graphtune data curate config.yaml")
+    sub.add_parser("export", help="write a GGUF (and merged safetensors, adapter GGUF, Modelfile): graphtune export --help")
     args = parser.parse_args(argv)
     return args.fn(args)
 

@@ -92,7 +92,8 @@ def test_explain_reports_family_counts_and_graph():
     report = graphtune.explain(model, **tiny_batch())
     assert report.family == "qwen3"
     assert report.counts == {
-        "fuse_lora": 14, "fuse_rms_norm": 9, "fuse_rope": 2, "fuse_swiglu": 2, "fuse_geglu": 0, "dispatch_attention": 2,
+        "fuse_lora": 14, "fuse_qlora": 0, "fuse_rms_norm": 9, "fuse_rope": 2, "fuse_swiglu": 2, "fuse_geglu": 0, "dispatch_attention": 2,
+        "fuse_lora_mlp": 2, "group_lora": 2, "fuse_linear_cross_entropy": 1,
     }
     assert "torch.ops.graphtune.rope" in report.graph_text
     assert "qwen3" in report.summary()

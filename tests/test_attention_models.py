@@ -11,8 +11,6 @@ import torch
 import graphtune
 import graphtune.attention as ga
 from graphtune.data.packing import PackingCollator
-from graphtune.passes import default_passes
-from graphtune.passes.dispatch_attention import DispatchAttention
 from graphtune.tiny import FAMILIES, tiny_batch, tiny_model
 from tests.conftest import rel_err
 
@@ -47,7 +45,8 @@ def _step(model, batch, **extra):
 
 def _assert_same(out, grads, out_ref, grads_ref, tol=1e-5):
     assert rel_err(out.loss, out_ref.loss) <= tol
-    assert rel_err(out.logits, out_ref.logits) <= tol
+    if out.logits.shape[-1] != 0:  # fuse_linear_cross_entropy returns empty logits in training graphs
+        assert rel_err(out.logits, out_ref.logits) <= tol
     assert grads.keys() == grads_ref.keys()
     worst = max(grads, key=lambda n: rel_err(grads[n], grads_ref[n]))
     assert rel_err(grads[worst], grads_ref[worst]) <= tol, worst
@@ -164,7 +163,7 @@ def test_compiled_gemma2_packed_training_step():
     eager = sharp_model("gemma2")
     padded_ref = sharp_model("gemma2", attn="eager")
     model = sharp_model("gemma2")
-    graphtune.optimize(model, passes=default_passes() + [DispatchAttention()], compiler="aot_eager")
+    graphtune.optimize(model, compiler="aot_eager")
     g = torch.Generator().manual_seed(5)
     for lengths in ([6, 13, 3], [11, 4, 9, 2]):
         exs = [{"input_ids": torch.randint(0, 256, (n,), generator=g).tolist()} for n in lengths]

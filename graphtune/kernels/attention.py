@@ -63,10 +63,12 @@ __all__ = [
     "visible_keys",
 ]
 
-IMPLEMENTATIONS = ("reference", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash", "flex")
+IMPLEMENTATIONS = ("reference", "sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_masked", "flash", "flex")
 # Order tried for plain causal attention on a GPU (first that applies wins); GRAPHTUNE_ATTENTION
-# forces one implementation wherever it can serve the node.
-PLAIN_CAUSAL_ORDER = ("sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
+# forces one implementation wherever it can serve the node. ``sdpa`` leaves the backend to PyTorch's
+# own SDPA priority list: on an H200 (torch 2.11, bf16, GQA, T=32k) it ran fwd+bwd in 36 ms where
+# the pinned flash backend took 53 ms, so pinning is only a GRAPHTUNE_ATTENTION choice.
+PLAIN_CAUSAL_ORDER = ("sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient")
 # Score elements one reference chunk may hold: bounds the reference's memory at long contexts.
 _CHUNK_ELEMS = 1 << 25
 
@@ -385,13 +387,16 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    groups = q.shape[1] // k.shape[1]
+    if backend == "auto":  # PyTorch's own priority list (cuDNN / flash / efficient), GQA in the call
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=groups > 1)
+        return out.transpose(1, 2)
     backends = {
         "flash": SDPBackend.FLASH_ATTENTION,
         "cudnn": SDPBackend.CUDNN_ATTENTION,
         "efficient": SDPBackend.EFFICIENT_ATTENTION,
         "math": SDPBackend.MATH,
     }
-    groups = q.shape[1] // k.shape[1]
     gqa = groups > 1 and backend in ("flash", "math")
     if not gqa:
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
@@ -400,6 +405,32 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
         else:
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+    return out.transpose(1, 2)
+
+
+def sdpa_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_ids: torch.Tensor | None,
+    kv_mask: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+) -> torch.Tensor:
+    """SDPA (memory-efficient kernel) with a dense ``[B, 1, T, S]`` bool mask built from
+    :func:`visible_keys`: the GPU path for 2-D padding masks, which FlexAttention's inductor lowering
+    cannot compile with a dynamic batch size (torch 2.11: ``CantSplit`` on the block-mask view).
+    A query row with no visible key gives zeros (as the reference), not SDPA's NaN. ``[B, T, Hq, Dv]``.
+    """
+    T, S = q.shape[2], k.shape[2]
+    allowed = visible_keys(T, S, causal=causal, window=window, seq_ids=seq_ids if T == S else None, kv_mask=kv_mask, device=q.device)
+    has_key = allowed.any(-1)  # [B|1, T]
+    allowed = allowed | ~has_key[..., None]  # empty rows attend everywhere (finite), zeroed below
+    groups = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=scale)
+    out = out * has_key[:, None, :, None].to(out.dtype)
     return out.transpose(1, 2)
 
 
@@ -529,7 +560,7 @@ def _compiled_create_block_mask():
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
-    return torch.compile(_flex, dynamic=True)
+    return torch.compile(_flex)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +614,8 @@ def cannot_serve(impl: str, f: AttentionFeatures) -> str | None:
         return None if cap >= (8, 0) or f.dtype == torch.float32 else "FlexAttention's fp16/bf16 kernels need sm80+"
     if f.softcap > 0:
         return "logit softcap needs a score_mod (FlexAttention)"
+    if impl == "sdpa_masked":
+        return None if f.dtype != torch.float64 else "SDPA's fused kernels do not take float64"
     if f.padding_mask:
         return "a 2-D padding mask needs a block mask (FlexAttention)"
     if impl == "flash":
@@ -602,6 +635,8 @@ def cannot_serve(impl: str, f: AttentionFeatures) -> str | None:
         return "SDPA has no sliding window"
     if not f.same_length:
         return "SDPA's is_causal is top-left aligned; with a KV cache (T != S) it would be wrong"
+    if impl == "sdpa":
+        return None if f.dtype != torch.float64 else "SDPA's fused kernels do not take float64"
     if impl == "sdpa_flash":
         if not _half(f) or cap < (8, 0):
             return "SDPA flash needs fp16/bf16 on sm80+"
@@ -647,6 +682,8 @@ def select_implementation(f: AttentionFeatures, force: str | None = None) -> tup
                 return impl, f"{features}, {f.dtype}, head dim {f.head_dim}"
     if cannot_serve("flash", f) is None:
         return "flash", f"{features}: FlashAttention-2 (window / varlen) with GQA in the kernel"
+    if f.padding_mask and cannot_serve("sdpa_masked", f) is None:
+        return "sdpa_masked", f"{features}: SDPA with a dense [B, 1, T, S] mask (Flex cannot compile a dynamic-batch padding mask)"
     if cannot_serve("flex", f) is None:
         return "flex", f"{features}: FlexAttention block mask" + (" + softcap score_mod" if f.softcap > 0 else "")
     return "reference", f"{features}: no fused kernel applies on this device"

@@ -15,6 +15,11 @@ Math of the backward, with ``g = dY * s``::
     dx = dY W           dx_lora = dh A    db = sum(dY)
 
 Matmuls run in the input dtype, as peft's do; the op is device-agnostic torch (cuBLAS on GPU).
+
+Mixed precision (peft's default ``autocast_adapter_dtype=True`` on a bf16/fp16 model): x and W are
+half, x_lora (peft's ``x.to(float32)``) and A, B are fp32. The output is then fp32 (the half base
+output promoted, as in peft's eager sum) and the backward mirrors eager autograd: the base path gets
+``dY`` cast to W's dtype (``dx = dY.half() W``), the adapter path stays in fp32.
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ def _lora_linear_op(
 @_lora_linear_op.register_fake
 def _lora_linear_fake(x, x_lora, weight, bias, lora_a, lora_b, scaling):
     _check(x, x_lora, weight, lora_a, lora_b)
-    dtype = torch.promote_types(x.dtype, weight.dtype)
+    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), lora_b.dtype)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
 
 
@@ -77,13 +82,14 @@ def _lora_linear_backward_op(
     dy2 = dy.reshape(-1, dy.shape[-1])
     xl2 = x_lora.reshape(-1, x_lora.shape[-1])
     h = xl2 @ lora_a.t()
-    g = dy2 * scaling
+    g = dy2.to(lora_b.dtype) * scaling
     d_b = g.t() @ h
     dh = g @ lora_b
     d_a = dh.t() @ xl2
-    dx = (dy2 @ weight).reshape(x_lora.shape)
+    dy_base = dy2.to(weight.dtype)  # eager autograd casts the grad to the base output's dtype at the add
+    dx = (dy_base @ weight).reshape(x_lora.shape)
     dx_lora = (dh @ lora_a).reshape(x_lora.shape)
-    db = dy2.sum(0) if need_bias_grad else dy2.new_empty(0)
+    db = dy_base.sum(0) if need_bias_grad else dy2.new_empty(0)
     return dx, dx_lora, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype), db
 
 
@@ -91,11 +97,11 @@ def _lora_linear_backward_op(
 def _lora_linear_backward_fake(dy, x_lora, weight, lora_a, lora_b, scaling, need_bias_grad):
     n_out = weight.shape[0]
     return (
-        x_lora.new_empty(x_lora.shape, dtype=torch.promote_types(dy.dtype, weight.dtype)),
-        x_lora.new_empty(x_lora.shape, dtype=torch.promote_types(dy.dtype, lora_a.dtype)),
+        x_lora.new_empty(x_lora.shape, dtype=weight.dtype),
+        x_lora.new_empty(x_lora.shape, dtype=lora_a.dtype),
         lora_a.new_empty(lora_a.shape),
         lora_b.new_empty(lora_b.shape),
-        dy.new_empty((n_out,) if need_bias_grad else (0,)),
+        dy.new_empty((n_out,) if need_bias_grad else (0,), dtype=weight.dtype if need_bias_grad else dy.dtype),
     )
 
 

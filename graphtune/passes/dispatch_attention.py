@@ -8,11 +8,13 @@ features, and picks (rules in :func:`graphtune.kernels.attention.select_implemen
 
 * CPU (any non-CUDA device): ``reference`` -- the node stays, its ``impl`` argument becomes
   ``"reference"`` (exact math, chunked, backward recomputes P);
-* plain causal on CUDA: SDPA ``sdpa_flash`` (fp16/bf16, GQA in the kernel) / ``sdpa_cudnn`` (MHA,
-  sm90) / ``sdpa_efficient`` (fp32) -- lowered to :func:`~graphtune.kernels.attention.sdpa_attention`;
+* plain causal on CUDA: ``sdpa`` (PyTorch's own backend priority, GQA in the call; ``sdpa_flash`` /
+  ``sdpa_cudnn`` / ``sdpa_efficient`` pin one backend when forced) -- lowered to
+  :func:`~graphtune.kernels.attention.sdpa_attention`;
+* a 2-D padding mask without softcap: ``sdpa_masked`` (dense bool mask, memory-efficient SDPA);
 * sliding window and/or documents with ``cu_seqlens``: ``flash`` (FlashAttention-2 with window
   and varlen) -- :func:`~graphtune.kernels.attention.flash_attention`;
-* softcap (Gemma-2), a padding mask, or documents known only from position ids: ``flex`` --
+* softcap (Gemma-2) or documents known only from position ids: ``flex`` --
   one :func:`~graphtune.kernels.attention.flex_block_mask` node shared by every layer with the same
   mask, and :func:`~graphtune.kernels.attention.flex_attention` per layer; aot_autograd traces these
   into FlexAttention's HOPs and inductor compiles them (forward and backward).
@@ -244,8 +246,13 @@ class DispatchAttention(Pass):
             node.meta["graphtune_attention"] = record
             return
         with graph.inserting_before(node):
-            if impl.startswith("sdpa_"):
-                new = graph.call_function(ka.sdpa_attention, (a[Q], a[K], a[V], a[SCALE], a[CAUSAL], impl[len("sdpa_"):]))
+            if impl == "sdpa_masked":
+                new = graph.call_function(
+                    ka.sdpa_masked_attention, (a[Q], a[K], a[V], a[SEQ_IDS], a[KV_MASK], a[SCALE], a[CAUSAL], a[WINDOW])
+                )
+            elif impl.startswith("sdpa"):
+                backend = impl[len("sdpa_"):] if impl.startswith("sdpa_") else "auto"
+                new = graph.call_function(ka.sdpa_attention, (a[Q], a[K], a[V], a[SCALE], a[CAUSAL], backend))
             elif impl == "flash":
                 cu = a[CU_SEQLENS] if a[SEQ_IDS] is not None else None
                 new = graph.call_function(ka.flash_attention, (a[Q], a[K], a[V], cu, None, a[SCALE], a[CAUSAL], a[WINDOW]))

@@ -7,8 +7,9 @@ gate_up_proj are ordinary linears here). rsLoRA only changes the literal ``s``. 
 ``x_lora`` and recomputes the rank-r activation in its backward.
 
 Never fires when: the base weight requires grad (the op gives it none); the scaling is not a literal
-number; x, W, A and B differ in dtype (peft casts x to the adapter dtype in a node the pattern does
-not contain); or an intermediate escapes. DoRA, LoRA on embeddings and bitsandbytes bases
+number; x, W, A and B differ in dtype -- except peft's default mixed precision on a half model
+(``autocast_adapter_dtype``: x and W bf16/fp16, ``x_lora = x.to(float32)`` and A, B fp32), which the
+op computes as eager does; or an intermediate escapes. DoRA, LoRA on embeddings and bitsandbytes bases
 (``gemm_4bit`` / ``autograd_function_apply``) have other subgraphs, are not matched, and their modules
 appear as unmatched in the report.
 """
@@ -58,8 +59,14 @@ def can_fuse_lora(match: Match, ctx: GraphContext) -> str | None:
             return reason
     if ctx.requires_grad(inputs["weight"]):
         return "the base weight requires grad (full fine-tuning of a LoRA-wrapped layer); the op gives it no gradient"
-    if len({t.dtype for t in tensors.values()}) != 1:
+    base = {tensors["x"].dtype, tensors["weight"].dtype}
+    adapter = {t.dtype for k, t in tensors.items() if k in ("x_lora", "lora_a", "lora_b")}
+    mixed = base == {torch.bfloat16} or base == {torch.float16}
+    if len(base) != 1 or len(adapter) != 1 or (base != adapter and not (mixed and adapter == {torch.float32})):
+        # one dtype throughout, or peft's autocast_adapter_dtype: half base, fp32 adapter path
         return "x, base weight and LoRA weights differ in dtype: " + ", ".join(f"{k}={v.dtype}" for k, v in tensors.items())
+    if base != adapter and "x_lora" not in inputs:
+        return "fp32 adapter weights read a half-precision x without peft's cast node"
     if inputs["bias"] is not None and ctx.example(inputs["bias"]) is None:
         return "bias is neither None nor a tensor"
     if tensors["weight"].dim() != 2 or tensors["lora_a"].dim() != 2 or tensors["lora_b"].dim() != 2:
@@ -77,6 +84,11 @@ class FuseLoRA(Pass):
 
     def is_candidate_module(self, class_name: str, nodes) -> bool:
         # a peft LoRA layer: a Linear with lora_A/lora_B children, or an Embedding with lora_embedding_A/B
-        return class_name in ("Linear", "Linear4bit", "Linear8bitLt", "Embedding") and any(
-            ".lora_A" in module_path(n) or "lora_embedding" in n.name for n in nodes
+        # 4-bit bases belong to fuse_qlora (which reports its own refusals)
+        from graphtune.passes.fuse_qlora import is_bnb_4bit_node
+
+        return (
+            class_name in ("Linear", "Linear8bitLt", "Embedding")
+            and any(".lora_A" in module_path(n) or "lora_embedding" in n.name for n in nodes)
+            and not any(is_bnb_4bit_node(n) for n in nodes)
         )

@@ -24,6 +24,8 @@ from typing import Any, ClassVar
 import torch.fx as fx
 
 from graphtune.passes.base import Rewrite, module_stack
+from graphtune.passes.fuse_qlora import GEMM_4BIT, is_bnb_4bit_node, resolve_bnb_4bit
+from graphtune.passes.group_lora import grouped_member_bias
 
 _FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3")
 
@@ -99,15 +101,29 @@ def _layer_paths(graph: fx.Graph) -> dict[str, str]:
     return layers
 
 
-def _projection_bias_index(node: fx.Node) -> int | None:
-    """Position of the bias argument if ``node`` is a projection (a linear, or a fused LoRA linear)."""
+def _projection_bias(node: fx.Node) -> tuple[bool, Any]:
+    """(is ``node`` a projection, its bias argument): a linear, a fused LoRA linear, or a bitsandbytes
+    4-bit linear (bare ``gemm_4bit``, ``MatMul4Bit``'s autograd node, or ``graphtune::lora_linear_4bit``),
+    or one member's output of a ``graphtune::lora_linear_group`` (the group node itself is not one)."""
     if node.op != "call_function":
-        return None
+        return False, None
+    target = str(node.target)
     if getattr(node.target, "__name__", "") == "linear":
-        return 2
-    if str(node.target).startswith("graphtune.lora_linear"):
-        return 3
-    return None
+        index = 2
+    elif target.startswith("graphtune.lora_linear_4bit"):
+        index = 7
+    elif target.startswith("graphtune.lora_linear_group"):
+        return False, None  # its members are the projections: the getitem nodes, below
+    elif target.startswith("graphtune.lora_linear"):
+        index = 3
+    elif target == GEMM_4BIT:
+        index = 6
+    elif is_bnb_4bit_node(node):  # autograd_function_apply: the bias is one of its operands
+        call = resolve_bnb_4bit(next(iter(node.users)))
+        return True, call.bias
+    else:
+        return grouped_member_bias(node)  # one member's output of a lora_linear_group, or no projection
+    return True, node.args[index] if len(node.args) > index else node.kwargs.get("bias")
 
 
 def extract_features(graph: fx.Graph, counts: dict[str, dict[str, int]]) -> GraphFeatures:
@@ -126,15 +142,14 @@ def extract_features(graph: fx.Graph, counts: dict[str, dict[str, int]]) -> Grap
         if node.meta.get("graphtune_pass") == "fuse_rms_norm" and node.op == "call_function":
             if any(cls.endswith("Attention") for _, cls in stack):
                 qk_norms += 1
-        bias_index = _projection_bias_index(node)
-        if bias_index is not None:
+        is_projection, bias = _projection_bias(node)
+        if is_projection:
             attn = [p for p, cls in stack if cls.endswith("Attention")]
             if attn:
                 child = stack[[p for p, _ in stack].index(attn[-1]) + 1][0] if len(stack) > 1 else ""
                 # the projection module directly under the attention module (peft's base_layer
                 # and lora_A/B sit deeper and collapse onto their projection)
                 attn_children.setdefault(attn[-1], set()).add(child)
-                bias = node.args[bias_index] if len(node.args) > bias_index else node.kwargs.get("bias")
                 if bias is not None and "o_proj" not in child:
                     qkv_bias = True
     if attn_children:

@@ -184,20 +184,22 @@ def _features(**kw):
     "kw,impl",
     [
         (dict(device="cpu", dtype=torch.float32), "reference"),
-        (dict(), "sdpa_flash"),  # plain causal bf16, GQA in the kernel
-        (dict(head_dim=80, v_head_dim=80), "sdpa_flash"),
-        (dict(dtype=torch.float32), "sdpa_efficient"),
+        (dict(), "sdpa"),  # plain causal bf16: PyTorch's SDPA priority list, GQA in the call
+        (dict(head_dim=80, v_head_dim=80), "sdpa"),
+        (dict(dtype=torch.float32), "sdpa"),
         (dict(window=4096), "flash"),  # Mistral / Gemma-3 sliding layers
         (dict(documents="cu_seqlens"), "flash"),  # packed, boundaries from the collator
         (dict(documents="cu_seqlens", window=512), "flash"),
         (dict(documents="positions"), "flex"),  # packed, boundaries only from position ids: no sync
         (dict(softcap=50.0, window=4096, head_dim=256, v_head_dim=256), "flex"),  # Gemma-2
-        (dict(padding_mask=True), "flex"),
+        (dict(padding_mask=True), "sdpa_masked"),  # Flex cannot compile a dynamic-batch padding mask
+        (dict(padding_mask=True, window=64), "sdpa_masked"),
+        (dict(padding_mask=True, softcap=30.0), "flex"),
         (dict(dtype=torch.float32, window=8), "flex"),
-        (dict(head_dim=512, v_head_dim=512), "sdpa_efficient"),
+        (dict(head_dim=512, v_head_dim=512), "sdpa"),
         (dict(head_dim=512, v_head_dim=512, window=8), "flex"),
         (dict(same_length=False), "flash"),  # KV cache: bottom-right causal
-        (dict(capability=(7, 5), dtype=torch.float16), "sdpa_efficient"),
+        (dict(capability=(7, 5), dtype=torch.float16), "sdpa"),
     ],
 )
 def test_selection_rules(kw, impl):
@@ -210,7 +212,7 @@ def test_forced_implementation(monkeypatch):
     monkeypatch.setenv("GRAPHTUNE_ATTENTION", "sdpa_cudnn")
     assert ka.select_implementation(_features(num_kv_heads=32))[0] == "sdpa_cudnn"
     impl, reason = ka.select_implementation(_features())  # GQA: cuDNN refused, falls back with the reason
-    assert impl == "sdpa_flash" and "refused" in reason and "GQA" in reason
+    assert impl == "sdpa" and "refused" in reason and "GQA" in reason
     monkeypatch.setenv("GRAPHTUNE_ATTENTION", "flex")
     assert ka.select_implementation(_features())[0] == "flex"
     monkeypatch.setenv("GRAPHTUNE_ATTENTION", "bogus")
@@ -221,6 +223,24 @@ def test_forced_implementation(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # The lowering targets: semantics checked on the CPU where PyTorch allows, all of them on CUDA
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,causal,window,softcap,docs,mask", [f for f in FEATURES if f[3] == 0.0], ids=[f[0] for f in FEATURES if f[3] == 0.0])
+def test_sdpa_masked_lowering_matches_reference(name, causal, window, softcap, docs, mask):
+    """The dense-mask SDPA path (padding masks on a GPU): forward and backward, empty rows give zeros."""
+    q, k, v, seq_ids, kv_mask = _inputs(dtype=torch.float32, docs=docs, mask=mask)
+    kw = dict(causal=causal, window=window, seq_ids=seq_ids, kv_mask=kv_mask)
+    grad = torch.randn(q.shape[0], q.shape[2], q.shape[1], v.shape[-1], device=q.device)
+    got = _fwd_bwd(lambda a, b, c: ka.sdpa_masked_attention(a, b, c, seq_ids, kv_mask, 0.3, causal, window), q, k, v, grad)
+    ref = _fwd_bwd(lambda a, b, c: ka.reference_attention(a, b, c, scale=0.3, **kw), q, k, v, grad)
+    for a, b, what in zip(got, ref, ("out", "dq", "dk", "dv")):
+        assert rel_err(a, b) <= 1e-5, what
+
+
+def test_sdpa_auto_lowering_matches_reference():
+    q, k, v, _, _ = _inputs(dtype=torch.float32)
+    got = ka.sdpa_attention(q, k, v, 0.3, True, "auto")
+    assert rel_err(got, ka.reference_attention(q, k, v, scale=0.3, causal=True)) <= 1e-5
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_sdpa_math_lowering_matches_reference(causal):
     q, k, v, _, _ = _inputs(dtype=torch.float32)
@@ -241,7 +261,7 @@ def test_flex_lowering_semantics(name, causal, window, softcap, docs, mask):
 
 
 GPU_CASES = list(itertools.product(
-    ["sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flash", "flex"],
+    ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_masked", "flash", "flex"],
     [torch.bfloat16, torch.float32],
     FEATURES + [("kv_cache", True, 0, 0.0, False, False)],
 ))
@@ -269,3 +289,15 @@ def test_gpu_implementation_matches_reference(impl, dtype, feat):
     tol = 2e-2 if dtype != torch.float32 else 1e-4
     for a, b, what in zip(got, ref, ("out", "dq", "dk", "dv")):
         assert rel_err(a.float(), b) <= tol, what
+
+
+def test_sdpa_masked_left_padding_gives_zero_rows():
+    """Left padding: the first query rows see no key; SDPA alone would give NaN there."""
+    q, k, v, _, _ = _inputs(B=1, T=6, dtype=torch.float32)
+    kv_mask = torch.tensor([[False, False, True, True, True, True]], device=DEVICE)
+    grad = torch.randn(1, 6, q.shape[1], v.shape[-1], device=q.device)
+    got = _fwd_bwd(lambda a, b, c: ka.sdpa_masked_attention(a, b, c, None, kv_mask, 0.3, True, 0), q, k, v, grad)
+    ref = _fwd_bwd(lambda a, b, c: ka.reference_attention(a, b, c, scale=0.3, causal=True, kv_mask=kv_mask), q, k, v, grad)
+    assert torch.isfinite(got[0]).all() and (got[0][:, :2] == 0).all()
+    for a, b, what in zip(got, ref, ("out", "dq", "dk", "dv")):
+        assert rel_err(a, b) <= 1e-5, what

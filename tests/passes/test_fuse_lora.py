@@ -109,3 +109,45 @@ def test_trainable_base_weight_is_refused():
     lora = next(p for p in report.passes if p.name == "fuse_lora")
     assert lora.count == 13 and len(lora.refused) == 1
     assert "base weight requires grad" in lora.refused[0].reason
+
+
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_op_mixed_precision_matches_eager_autograd(half):
+    """peft's autocast_adapter_dtype: half x/W, fp32 x_lora/A/B. Forward and every grad as eager autograd computes them."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 24, generator=g).to(half).requires_grad_()
+    w = torch.randn(40, 24, generator=g).to(half)
+    a = (torch.randn(5, 24, generator=g) * 0.2).requires_grad_()
+    b = (torch.randn(40, 5, generator=g) * 0.2).requires_grad_()
+    dy = torch.randn(3, 7, 40, generator=g)
+
+    def run(fn):
+        out = fn(x, x.to(torch.float32), w, None, a, b, 2.0)
+        grads = torch.autograd.grad(out, (x, a, b), dy.to(out.dtype))
+        return (out, *grads)
+
+    got, ref = run(lora_linear), run(reference_lora_linear)
+    assert got[0].dtype == ref[0].dtype == torch.float32
+    for gt, rf, what in zip(got, ref, ("out", "dx", "dA", "dB")):
+        assert gt.dtype == rf.dtype, what
+        assert rel_err(gt, rf) <= 1e-5, what
+
+
+def test_half_model_with_fp32_adapters_is_fused():
+    """A bf16 model wrapped by peft keeps fp32 adapters (its default): every projection is fused, grads match eager."""
+    ref = tiny_model("llama", lora=True, dtype=torch.bfloat16)
+    opt = tiny_model("llama", lora=True, dtype=torch.bfloat16)
+    assert {p.dtype for n, p in opt.named_parameters() if "lora_" in n} == {torch.float32}
+    ref.train()
+    opt.train()
+    graphtune.optimize(opt, compiler="aot_eager")
+    batch = tiny_batch(2, 9)
+    loss_ref = ref(**batch).loss
+    loss_ref.backward()
+    loss = opt(**batch).loss
+    loss.backward()
+    assert graphtune.last_report(opt).counts["fuse_lora"] == 14
+    assert rel_err(loss, loss_ref) <= 1e-2
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), opt.named_parameters()):
+        if p_ref.requires_grad:
+            assert rel_err(p.grad, p_ref.grad) <= 2e-2, name
