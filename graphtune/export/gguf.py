@@ -154,16 +154,16 @@ def export_passes() -> list:
 def capture_graph(model: torch.nn.Module, *, capture_layers: int | None = 2):
     """The captured, rewritten graph of ``model`` (graphtune's ``CapturedGraph``) for export.
 
-    Reuses the latest graph of a model ``graphtune.optimize`` already ran; otherwise captures the
-    forward on a 4-token input in eval mode under ``no_grad`` (no compile, static shapes), tracing
+    Always captures the forward (also for a model ``graphtune.optimize`` ran: its training graph
+    holds fused nodes the role analysis does not read) on a 4-token input in eval mode under ``no_grad`` (no compile, static shapes), tracing
     only the first ``capture_layers`` decoder layers (``None``: all of them).
     """
     from graphtune.api import OptimizedForward
     from graphtune.capture import fresh_entry, make_backend
 
     fwd = model.__dict__.get("forward")
-    if isinstance(fwd, OptimizedForward) and fwd.captures and fwd.captures[-1].report.family:
-        return fwd.captures[-1]
+    # an optimized model's own graph is not reused: its training passes (LoRA MLP blocks, grouped
+    # projections, fused cross-entropy) hide the per-projection nodes the role analysis reads
     forward = fwd.original_forward if isinstance(fwd, OptimizedForward) else type(model).forward.__get__(model)
     found = _decoder_layers(model)
     restore = None

@@ -62,7 +62,7 @@ def reference_lora_linear_4bit(
         packed, absmax, q["shape"], blocksize, quant_type, x.dtype, absmax2=absmax2, code2=code2, offset=offset,
         blocksize2=NESTED_BLOCKSIZE,
     )
-    return F.linear(x, w, bias) + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+    return F.linear(x, w, bias) + (F.linear(F.linear(x_lora, lora_a), lora_b) * scaling).to(x.dtype)
 
 
 def _check(x, x_lora, lora_a, lora_b, out_features, in_features, absmax2, code2, offset):
@@ -100,7 +100,9 @@ def _lora_linear_4bit_op(
     _check(x, x_lora, lora_a, lora_b, out_features, in_features, absmax2, code2, offset)
     q = _quant(packed, absmax, absmax2, code2, offset, out_features, in_features, blocksize, quant_type)
     y = F.linear(x, _dense(x.dtype, **q), bias)  # a fresh tensor: never a view of the workspace
-    y = y + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+    # fp32 adapters on a half compute dtype (peft's default): peft casts the adapter output to the
+    # compute dtype before the add; a no-op when everything shares one dtype
+    y = y + (F.linear(F.linear(x_lora, lora_a), lora_b) * scaling).to(x.dtype)
     return y.contiguous()
 
 
@@ -109,8 +111,7 @@ def _lora_linear_4bit_fake(
     x, x_lora, packed, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scaling, out_features, in_features, blocksize, quant_type
 ):
     _check(x, x_lora, lora_a, lora_b, out_features, in_features, absmax2, code2, offset)
-    dtype = torch.promote_types(x.dtype, lora_b.dtype)
-    return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
+    return x.new_empty((*x.shape[:-1], out_features), dtype=x.dtype)
 
 
 @torch.library.custom_op("graphtune::lora_linear_4bit_backward", mutates_args=())
@@ -137,7 +138,7 @@ def _lora_linear_4bit_backward_op(
     dy2 = dy.reshape(-1, dy.shape[-1])
     xl2 = x_lora.reshape(-1, x_lora.shape[-1])
     h = xl2 @ lora_a.t()
-    g = dy2 * scaling
+    g = dy2.to(lora_b.dtype) * scaling  # eager casts the grad back through the adapter output's cast
     d_b = g.t() @ h
     dh = g @ lora_b
     d_a = dh.t() @ xl2

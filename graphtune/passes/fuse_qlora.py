@@ -333,10 +333,19 @@ def can_fuse_qlora(match: Match, ctx: GraphContext) -> str | None:
     for name, t in tensors.items():
         if reason := check_tensor(name, t):
             return reason
-    dtypes = {t.dtype for t in tensors.values()}
-    if len(dtypes) != 1:
+    base_dtypes = {t.dtype for k, t in tensors.items() if k in ("x", "bias")}
+    adapter_dtypes = {t.dtype for k, t in tensors.items() if k in ("x_lora", "lora_a", "lora_b")}
+    mixed = (
+        # peft's default on a bf16/fp16 compute dtype: fp32 adapters, x cast to fp32 for them, and the
+        # adapter output cast back to the compute dtype *before* the add -- the op does exactly that
+        match.rewrite is QLORA_PEFT_BNB
+        and base_dtypes in ({torch.bfloat16}, {torch.float16})
+        and adapter_dtypes == {torch.float32}
+        and {inputs["dtype"], inputs["lora_dtype"]} == base_dtypes
+    )
+    if len(base_dtypes) != 1 or len(adapter_dtypes) != 1 or (base_dtypes != adapter_dtypes and not mixed):
         return "compute dtype (x), x_lora and LoRA weights differ in dtype: " + ", ".join(f"{k}={v.dtype}" for k, v in tensors.items())
-    (dtype,) = dtypes
+    (dtype,) = base_dtypes
     if call.dequant_dtype is not None and call.dequant_dtype != dtype:
         return f"bitsandbytes dequantizes the weight to {call.dequant_dtype}, not the compute dtype {dtype}"
     if inputs["dtype"] != dtype or inputs["lora_dtype"] != dtype:

@@ -424,3 +424,25 @@ def test_cached_lowering_replays_the_same_file_without_the_config(case, spm_toke
         assert "rope_freqs.weight" in {t.name for t in b.tensors}
     if case == "phi3_longrope":
         assert {"rope_factors_long.weight", "rope_factors_short.weight"} <= {t.name for t in b.tensors}
+
+
+def test_export_after_training_with_graphtune_optimize(spm_tokenizer, tmp_path):
+    """An optimized LoRA model's training graph holds fused nodes (lora_mlp, grouped projections,
+    fused cross-entropy); export captures its own graph and writes the same tensors as without optimize."""
+    import graphtune
+    from graphtune.tiny import tiny_batch
+
+    plain = make_model("llama", hidden=64)
+    trained = make_model("llama", hidden=64)
+    trained.load_state_dict(plain.state_dict())
+    trained.train()
+    graphtune.optimize(trained, compiler="aot_eager")
+    batch = tiny_batch(2, 8, vocab=trained.get_input_embeddings().weight.shape[0])
+    trained(**batch).loss.backward()
+    assert graphtune.last_report(trained).counts.get("fuse_lora_mlp", 0) > 0
+    a = to_gguf(plain, spm_tokenizer, tmp_path / "a.gguf", quant="F32", progress=False)
+    b = to_gguf(trained, spm_tokenizer, tmp_path / "b.gguf", quant="F32", progress=False)
+    ra, rb = gguf.GGUFReader(str(a.path)), gguf.GGUFReader(str(b.path))
+    assert {t.name for t in ra.tensors} == {t.name for t in rb.tensors}
+    for ta, tb in zip(sorted(ra.tensors, key=lambda t: t.name), sorted(rb.tensors, key=lambda t: t.name)):
+        assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name

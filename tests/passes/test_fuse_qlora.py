@@ -70,14 +70,14 @@ def _lora(model, family, lora_dropout=0.0, train_embeddings=True):
     return model
 
 
-def qlora_model(path, family, *, formats=MIXED, compute_dtype=torch.float32, **lora_kw):
+def qlora_model(path, family, *, formats=MIXED, compute_dtype=torch.float32, model_dtype=torch.float32, **lora_kw):
     """transformers' 4-bit load of ``path`` in the attention format, the MLP re-quantized in the other."""
     (quant_type, double_quant, _), mlp_format = formats
     config = tf.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
     )
-    model = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=torch.float32)
+    model = tf.AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map="cpu", dtype=model_dtype)
     if formats[0] != (quant_type, double_quant, 64):  # transformers always quantizes in blocks of 64
         raise ValueError("the attention format's blocksize must be 64")
     for layer in model.model.layers:
@@ -204,6 +204,28 @@ def test_compute_dtype_differing_from_lora_dtype_is_refused(checkpoint):
     unmatched = [u for u in report.unmatched if u.expected_pass == "fuse_qlora"]
     assert len(unmatched) == 7 and "differ in dtype" in unmatched[0].reason
     assert report.family == "qwen2", report.family_reason
+
+
+def test_bf16_model_with_fp32_adapters_is_fused(checkpoint):
+    """The usual QLoRA setup: bf16 model and compute dtype, peft's fp32 adapters (autocast_adapter_dtype).
+    peft casts x to fp32 for the adapters and their output back to bf16 before the add; the op does the
+    same, so loss and LoRA grads match eager to bf16 rounding."""
+    ref = qlora_model(checkpoint("llama"), "llama", compute_dtype=torch.bfloat16, model_dtype=torch.bfloat16)
+    opt = qlora_model(checkpoint("llama"), "llama", compute_dtype=torch.bfloat16, model_dtype=torch.bfloat16)
+    assert {p.dtype for n, p in opt.named_parameters() if "lora_" in n} == {torch.float32}
+    batch = tiny_batch(2, 9)
+    for m in (ref, opt):
+        m(**batch)  # bitsandbytes casts its bias / state on the first eager call (see below)
+        m.zero_grad(set_to_none=True)
+    graphtune.optimize(opt, passes=PASSES, compiler="eager")
+    out_ref, out = ref(**batch), opt(**batch)
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert _qlora_result(graphtune.last_report(opt)).count == _projections("llama")
+    assert rel_err(out.loss, out_ref.loss) <= 1e-2
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), opt.named_parameters()):
+        if p_ref.requires_grad and "lora_" in name:
+            assert rel_err(p.grad, p_ref.grad) <= 3e-2, name
 
 
 def test_trainable_packed_weight_is_refused():
