@@ -76,12 +76,18 @@ def tiny_model(family: str, *, lora: bool = False, seed: int = 0, dtype: torch.d
         targets = LORA_TARGETS.get(family, DEFAULT_LORA_TARGETS)
         lcfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
         model = peft.get_peft_model(model, lcfg)
-        g = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g, device="cpu") * 0.05)
+        randomize_lora_b(model, seed + 1)
     return model
+
+
+def randomize_lora_b(model: torch.nn.Module, generator_seed: int) -> None:
+    """Give every peft ``lora_B`` small random values (peft starts them at zero, which would hide
+    a wrong LoRA gradient path: with B = 0, dA is zero whatever the pass does)."""
+    g = torch.Generator().manual_seed(generator_seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, device="cpu") * 0.05)
 
 
 def tiny_batch(batch: int = 2, seq: int = 8, vocab: int = 256, seed: int = 0) -> dict[str, torch.Tensor]:

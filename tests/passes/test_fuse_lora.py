@@ -9,7 +9,7 @@ import torch
 
 import graphtune
 from graphtune.kernels.lora_linear import lora_linear, reference_lora_linear
-from graphtune.tiny import tiny_batch, tiny_model
+from graphtune.tiny import randomize_lora_b, tiny_batch, tiny_model
 from tests.conftest import rel_err
 from tests.helpers import compare_step
 
@@ -19,11 +19,7 @@ def _peft(family="llama", seed=0, **lora_kw):
     base = tiny_model(family)
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], **lora_kw)
     model = peft.get_peft_model(base, cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora_b(model, seed + 1)
     model.train()
     return model
 

@@ -12,7 +12,7 @@ import torch
 import graphtune
 from graphtune.passes import pass_by_name
 from graphtune.passes.fuse_lora_mlp import FuseLoRAMLP
-from graphtune.tiny import FAMILIES, tiny_batch, tiny_model
+from graphtune.tiny import FAMILIES, randomize_lora_b, tiny_batch, tiny_model
 from tests.conftest import rel_err
 from tests.helpers import compare_step, twin_models
 
@@ -60,11 +60,7 @@ def _peft_dropout(seed=0):
     cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = peft.get_peft_model(tiny_model("qwen2"), cfg)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora_b(model, seed + 1)
     model.train()
     return model
 

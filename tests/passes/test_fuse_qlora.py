@@ -25,7 +25,7 @@ import transformers as tf  # noqa: E402
 
 import graphtune  # noqa: E402
 from graphtune.passes.fuse_qlora import resolve_bnb_4bit  # noqa: E402
-from graphtune.tiny import DEFAULT_LORA_TARGETS, FAMILIES, LORA_TARGETS, tiny_batch, tiny_model  # noqa: E402
+from graphtune.tiny import DEFAULT_LORA_TARGETS, FAMILIES, LORA_TARGETS, randomize_lora_b, tiny_batch, tiny_model  # noqa: E402
 from tests.conftest import rel_err  # noqa: E402
 from tests.helpers import batches, compare_step  # noqa: E402
 
@@ -60,11 +60,7 @@ def _lora(model, family, lora_dropout=0.0, train_embeddings=True):
     torch.manual_seed(0)
     targets = LORA_TARGETS.get(family, DEFAULT_LORA_TARGETS)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=lora_dropout, target_modules=targets))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    randomize_lora_b(model, 1)
     model.get_input_embeddings().weight.requires_grad_(train_embeddings)
     model.train()
     return model

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graphtune
-from graphtune.tiny import tiny_batch, tiny_model
+from graphtune.tiny import randomize_lora_b, tiny_batch, tiny_model
 from tests.helpers import compare_step, twin_models
 from tests.passes.common import check_pass, explain_one
 
@@ -104,11 +104,7 @@ def test_lora_on_some_projections_groups_what_shares_an_input():
     models = []
     for _ in range(2):
         model = peft.get_peft_model(tiny_model("gemma3"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        randomize_lora_b(model, 1)
         model.train()
         models.append(model)
     ref, opt = models
