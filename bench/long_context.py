@@ -14,12 +14,15 @@ SDPA as HF calls it (``is_causal``, or a dense boolean mask for the other masks,
 builder makes one) and FlexAttention compiled with the same block mask. Times are CUDA-event
 medians; TFLOP/s counts the visible (q, k) pairs only (4*D flops per pair forward, x3.5 fwd+bwd).
 
-Part 2 -- the longest context one training step fits: random-init Llama-3.2-1B (vocab 128256), bf16,
-LoRA r=16 on q,k,v,o,gate,up,down, AdamW, batch 1, T doubling from 4k until out of memory, for
-HF + peft (SDPA) and graphtune.optimize (inductor); ``--checkpointing`` turns on HF gradient
-checkpointing for both. Reported: tokens/s of the step and peak memory.
+Part 2 -- the longest context one training step fits, for one ``bench/peers.py`` config per process
+(same model shapes, LoRA config and peer settings): ``G`` graphtune (memory budget from
+``GRAPHTUNE_MEMORY_BUDGET``, e.g. ``offload``), ``A`` HF+peft with gradient checkpointing, ``C``
+unsloth (1B LoRA); ``Q``, ``D``, ``E`` the same for the 8B NF4 QLoRA shape. Batch 1, T doubling from
+``--start`` until the step fails, then two bisection steps. ``--cap-gib 79`` caps the process's CUDA
+memory so an H200 answers for an H100 80GB. Reported: tokens/s of the step and peak memory.
 
-    python bench/long_context.py [--part attention|context|both] [--max-t 32768] [--checkpointing]
+    python bench/long_context.py --part attention [--max-t 32768]
+    GRAPHTUNE_MEMORY_BUDGET=offload python bench/long_context.py --part context --config G --size 1b --cap-gib 79
 """
 
 from __future__ import annotations
@@ -37,15 +40,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import graphtune  # noqa: E402
 import graphtune.attention as ga  # noqa: E402
 from graphtune.kernels import attention as ka  # noqa: E402
 
 HQ, HKV, D = 32, 8, 64
 WINDOW, SOFTCAP = 4096, 50.0
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def cuda_ms(fn: Callable[[], object], warmup: int = 3, iters: int = 10) -> float:
@@ -160,94 +159,83 @@ def attention_part(max_t: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # Part 2
 # ----------------------------------------------------------------------------------------------
-def graphtune_passes():
-    from graphtune.passes import default_passes
+def context_part(cfg: str, size: str, start: int, max_t: int, cap_gib: float | None) -> None:
+    """Longest context one training step fits for one ``bench/peers.py`` config, in this process.
 
-    passes = default_passes()
-    if not any(p.name == "dispatch_attention" for p in passes):
-        from graphtune.passes.dispatch_attention import DispatchAttention
+    The model, LoRA config and peers' settings are exactly those of ``bench/peers.py`` (``G``/``Q`` are
+    graphtune with ``GRAPHTUNE_MEMORY_BUDGET``, ``A``/``D`` HF+peft with gradient checkpointing, ``C``/``E``
+    unsloth with its offloaded checkpointing). T doubles from ``start``; after the first failure two
+    bisection steps (multiples of 4096) narrow the limit. ``cap_gib`` caps this process's CUDA memory
+    (``set_per_process_memory_fraction``) so a larger card answers for a smaller one (79 GiB = H100 80GB).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import peers
 
-        passes.append(DispatchAttention())
-    return passes
+    peers.prepare(size)
+    total = torch.cuda.get_device_properties(0).total_memory
+    if cap_gib:
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2**30 / total))
+    d = peers.model_dir(size)
+    model, step_fn, info = peers.load_unsloth(cfg, d, max_t) if cfg in peers.UNSLOTH else peers.load_hf(cfg, d)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    print(f"# {cfg} {size}: {info}; memory cap {cap_gib or total / 2**30:.1f} GiB", flush=True)
 
+    def attempt(T: int) -> tuple[bool, str]:
+        ids = torch.randint(0, 128000, (1, T), device="cuda")
+        try:
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            step_fn(input_ids=ids, labels=ids).loss.backward()  # compile / warm-up
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
 
-def make_model(checkpointing: bool):
-    import peft
-    import transformers as tf
-
-    cfg = tf.LlamaConfig(max_position_embeddings=262144, rms_norm_eps=1e-5, use_cache=False, **LLAMA_1B)
-    if hasattr(cfg, "rope_parameters"):
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS))
-    model.train()
-    return model
-
-
-def context_part(max_t: int, checkpointing: bool, compiler: str) -> None:
-    rows = []
-    for mode in ("hf+peft (sdpa)", "graphtune"):
-        model = make_model(checkpointing)
-        if mode == "graphtune":
-            ga.enable(model)
-            graphtune.optimize(model, passes=graphtune_passes(), compiler=compiler)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-        T = 4096
-        while T <= max_t:
-            ids = torch.randint(0, LLAMA_1B["vocab_size"], (1, T), device="cuda")
-            batch = {"input_ids": ids, "labels": ids.clone()}
-
-            def step():
-                model(**batch).loss.backward()
+            def one():
+                step_fn(input_ids=ids, labels=ids).loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            try:
-                torch.cuda.reset_peak_memory_stats()
-                t0 = time.perf_counter()
-                step()  # compile / warm-up
-                torch.cuda.synchronize()
-                warm = time.perf_counter() - t0
-                ms = cuda_ms(step, warmup=0, iters=3)
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                rows.append((mode, T, f"{T / ms * 1e3:.0f}", f"{peak:.2f}", f"{warm:.0f}"))
-            except torch.cuda.OutOfMemoryError:
-                rows.append((mode, T, "OOM", "–", "–"))
-            except Exception as e:  # noqa: BLE001
-                rows.append((mode, T, f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}", "–", "–"))
+            ms = cuda_ms(one, warmup=0, iters=2)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            return True, f"{T / ms * 1e3:.0f} tok/s, peak {peak:.2f} GiB, first step {warm:.0f} s"
+        except torch.cuda.OutOfMemoryError:
+            return False, "OOM"
+        except Exception as e:  # noqa: BLE001 - a failure (often an OOM wrapped by a compiler) ends the search
+            first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
+            return False, f"{type(e).__name__}: {first}"
+        finally:
             opt.zero_grad(set_to_none=True)
             gc.collect()
             torch.cuda.empty_cache()
-            print(f"  {mode:16s} T={T:6d} {rows[-1][2]} tok/s, peak {rows[-1][3]} GiB", flush=True)
-            if rows[-1][3] == "–":
-                break
-            T *= 2
-        if mode == "graphtune" and graphtune.last_report(model) is not None:
-            print(graphtune.last_report(model).summary())
-        model = opt = None  # free before the next mode
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"\n| mode | T | tok/s | peak GiB | first step s |   (gradient checkpointing: {checkpointing})")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print("| " + " | ".join(str(x) for x in r) + " |")
-    for mode in ("hf+peft (sdpa)", "graphtune"):
-        fits = [r[1] for r in rows if r[0] == mode and r[3] != "–"]
-        print(f"longest trainable context, {mode}: {max(fits) if fits else 'none'}")
+
+    ok, bad, T = 0, None, start
+    while T <= max_t:
+        fit, msg = attempt(T)
+        print(f"CONTEXT {cfg} {size} T={T} {'fits' if fit else 'fails'}: {msg}", flush=True)
+        if not fit:
+            bad = T
+            break
+        ok, T = T, T * 2
+    for _ in range(2):
+        if bad is None or bad - ok <= 4096:
+            break
+        mid = (ok + bad) // 2 // 4096 * 4096
+        fit, msg = attempt(mid)
+        print(f"CONTEXT {cfg} {size} T={mid} {'fits' if fit else 'fails'}: {msg}", flush=True)
+        ok, bad = (mid, bad) if fit else (ok, mid)
+    print(f"LONGEST {cfg} {size} {ok} (first failure {bad}; cap {cap_gib} GiB; {torch.cuda.get_device_name()})", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=("attention", "context", "both"), default="both")
     ap.add_argument("--max-t", type=int, default=32768, help="largest T for the attention part")
-    ap.add_argument("--max-context", type=int, default=262144, help="largest T tried for the training step")
-    ap.add_argument("--checkpointing", action="store_true")
-    ap.add_argument("--compiler", default="inductor")
+    ap.add_argument("--config", default="G", help="bench/peers.py config for the context part: G/A/C (1b), Q/D/E (8b)")
+    ap.add_argument("--size", choices=("1b", "8b"), default="1b")
+    ap.add_argument("--start", type=int, default=16384, help="first T tried for the training step")
+    ap.add_argument("--max-context", type=int, default=524288, help="largest T tried for the training step")
+    ap.add_argument("--cap-gib", type=float, default=None, help="cap CUDA memory (79 = an H100 80GB on a larger card)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("long_context.py needs a CUDA device (run it on the GPU machine)")
@@ -256,7 +244,7 @@ def main() -> None:
     if args.part in ("attention", "both"):
         attention_part(args.max_t)
     if args.part in ("context", "both"):
-        context_part(args.max_context, args.checkpointing, args.compiler)
+        context_part(args.config, args.size, args.start, args.max_context, args.cap_gib)
     print(f"\n{card}")
 
 

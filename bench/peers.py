@@ -23,6 +23,8 @@ GC/QC) decides what to keep.
     python bench/peers.py all lora OUTDIR        # A B C F G on 2x2048 and 1x8192, then the table
     python bench/peers.py all qlora OUTDIR       # D E Q
     python bench/peers.py one G /tmp/bench_llama_1b 2x2048,1x8192
+    python bench/peers.py table LOG [LOG ...]   # one table from the RESULT lines of several ``one`` runs
+                                                # (configs spread over several GPUs of one host)
 
 The table reports tokens/s, peak GiB and, per shape, graphtune's ratio to the best peer (speed: higher
 is better; memory: lower is better). A failed config is a row with its error, never a silent gap.
@@ -287,10 +289,14 @@ def format_table(results: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("prep", "one", "all"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("prep", "one", "all", "table"):
         sys.exit(__doc__)
     if sys.argv[1] == "prep":
         prepare(sys.argv[2])
+    elif sys.argv[1] == "table":
+        rows = [json.loads(line[7:]) for f in sys.argv[2:] for line in Path(f).read_text(errors="replace").splitlines()
+                if line.startswith("RESULT ")]
+        print(format_table(rows))
     elif sys.argv[1] == "one":
         run_one(sys.argv[2], sys.argv[3], sys.argv[4])
     else:

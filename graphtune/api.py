@@ -28,9 +28,14 @@ VERIFY_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e
 _INTEGER_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
 
-def _resolve_passes(passes: Sequence[Pass | str] | None) -> list[Pass]:
+def _model_device(model: torch.nn.Module) -> str | None:
+    p = next(iter(model.parameters()), None)
+    return p.device.type if p is not None else None
+
+
+def _resolve_passes(passes: Sequence[Pass | str] | None, device: str | None = None) -> list[Pass]:
     if passes is None:
-        return default_passes()
+        return default_passes(device)
     out = []
     for p in passes:
         if isinstance(p, str):
@@ -300,7 +305,7 @@ def optimize(
     if budget is not None and compiler not in MEMORY_COMPILERS:
         raise ValueError(f"memory_budget needs compiler 'inductor' or 'aot_eager' (it acts on AOTAutograd's partition), not {compiler!r}")
     restore(model)
-    model.forward = OptimizedForward(model, _resolve_passes(passes), compiler, verify, dtype, attention, budget)
+    model.forward = OptimizedForward(model, _resolve_passes(passes, _model_device(model)), compiler, verify, dtype, attention, budget)
     return model
 
 
@@ -336,7 +341,7 @@ def explain(
     forward = fwd.original_forward if isinstance(fwd, OptimizedForward) else type(model).forward.__get__(model)
     try:
         with _attention_scope(_attention_configs(model) if attention else []), hf_checkpointing_off(model):
-            captured, _ = capture(model, forward, args, example_inputs, _resolve_passes(passes))
+            captured, _ = capture(model, forward, args, example_inputs, _resolve_passes(passes, _model_device(model)))
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
         raise CaptureError(f"graphtune could not capture this model's forward as one graph: {e}") from e
     return captured.report

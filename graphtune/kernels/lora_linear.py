@@ -17,9 +17,14 @@ Math of the backward, with ``g = dY * s``::
 Matmuls run in the input dtype, as peft's do; the op is device-agnostic torch (cuBLAS on GPU).
 
 Mixed precision (peft's default ``autocast_adapter_dtype=True`` on a bf16/fp16 model): x and W are
-half, x_lora (peft's ``x.to(float32)``) and A, B are fp32. The output is then fp32 (the half base
-output promoted, as in peft's eager sum) and the backward mirrors eager autograd: the base path gets
-``dY`` cast to W's dtype (``dx = dY.half() W``), the adapter path stays in fp32.
+half and A, B are fp32. ``x_lora`` is either peft's fp32 cast node (with dropout) or ``x`` itself, which
+the op casts to fp32 inside (no fp32 copy of x is materialized or saved). The output is then fp32 (the
+half base output promoted, as in peft's eager sum) and the backward mirrors eager autograd: the base
+path gets ``dY`` cast to W's dtype (``dx = dY.half() W``), the adapter path stays in fp32 and its
+``dx_lora`` is cast back to x_lora's dtype, as the backward of eager's ``x.to(float32)`` does.
+``out_dtype`` (set by fuse_lora's autocast rewrite) folds peft's final ``.to(half)`` into the op: the
+fp32 sum never leaves it, and dY arrives in half precision -- which is exactly the gradient eager's
+cast hands the fp32 sum, so the backward is unchanged.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ __all__ = ["lora_linear", "reference_lora_linear"]
 
 
 def reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling: float):
-    """peft's ``Linear.forward`` for one active adapter: base + B(A(x_lora)) * scaling."""
-    return F.linear(x, weight, bias) + F.linear(F.linear(x_lora, lora_a), lora_b) * scaling
+    """peft's ``Linear.forward`` for one active adapter: base + B(A(x_lora)) * scaling.
+
+    ``x_lora`` is cast to the adapter dtype first (a no-op unless peft's fp32 adapters read a half x)."""
+    return F.linear(x, weight, bias) + F.linear(F.linear(x_lora.to(lora_a.dtype), lora_a), lora_b) * scaling
 
 
 def _check(x, x_lora, weight, lora_a, lora_b):
@@ -56,15 +63,24 @@ def _lora_linear_op(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scaling: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     _check(x, x_lora, weight, lora_a, lora_b)
-    return reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling).contiguous()
+    if out_dtype is None:
+        return reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling).contiguous()
+    # peft's mixed precision ends in ``.to(out_dtype)``: the sum is formed in the promoted dtype by one
+    # addmm (base + s * h B^T) and cast once, so no promoted [N, out] tensor leaves the op
+    base = F.linear(x, weight, bias)
+    h = F.linear(x_lora.to(lora_a.dtype), lora_a)
+    acc = torch.promote_types(base.dtype, lora_b.dtype)
+    out = torch.addmm(base.reshape(-1, base.shape[-1]).to(acc), h.reshape(-1, h.shape[-1]), lora_b.t(), alpha=scaling)
+    return out.to(out_dtype).reshape(base.shape)
 
 
 @_lora_linear_op.register_fake
-def _lora_linear_fake(x, x_lora, weight, bias, lora_a, lora_b, scaling):
+def _lora_linear_fake(x, x_lora, weight, bias, lora_a, lora_b, scaling, out_dtype=None):
     _check(x, x_lora, weight, lora_a, lora_b)
-    dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), lora_b.dtype)
+    dtype = out_dtype or torch.promote_types(torch.promote_types(x.dtype, weight.dtype), lora_b.dtype)
     return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=dtype)
 
 
@@ -80,7 +96,7 @@ def _lora_linear_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dx_lora, dA, dB, db-or-empty); h = x_lora A^T is recomputed here."""
     dy2 = dy.reshape(-1, dy.shape[-1])
-    xl2 = x_lora.reshape(-1, x_lora.shape[-1])
+    xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(lora_a.dtype)
     h = xl2 @ lora_a.t()
     g = dy2.to(lora_b.dtype) * scaling
     d_b = g.t() @ h
@@ -88,7 +104,7 @@ def _lora_linear_backward_op(
     d_a = dh.t() @ xl2
     dy_base = dy2.to(weight.dtype)  # eager autograd casts the grad to the base output's dtype at the add
     dx = (dy_base @ weight).reshape(x_lora.shape)
-    dx_lora = (dh @ lora_a).reshape(x_lora.shape)
+    dx_lora = (dh @ lora_a).reshape(x_lora.shape).to(x_lora.dtype)  # eager: back through x.to(fp32)
     db = dy_base.sum(0) if need_bias_grad else dy2.new_empty(0)
     return dx, dx_lora, d_a.to(lora_a.dtype), d_b.to(lora_b.dtype), db
 
@@ -98,7 +114,7 @@ def _lora_linear_backward_fake(dy, x_lora, weight, lora_a, lora_b, scaling, need
     n_out = weight.shape[0]
     return (
         x_lora.new_empty(x_lora.shape, dtype=weight.dtype),
-        x_lora.new_empty(x_lora.shape, dtype=lora_a.dtype),
+        x_lora.new_empty(x_lora.shape),
         lora_a.new_empty(lora_a.shape),
         lora_b.new_empty(lora_b.shape),
         dy.new_empty((n_out,) if need_bias_grad else (0,), dtype=weight.dtype if need_bias_grad else dy.dtype),
@@ -106,7 +122,7 @@ def _lora_linear_backward_fake(dy, x_lora, weight, lora_a, lora_b, scaling, need
 
 
 def _setup_context(ctx, inputs, output):
-    x, x_lora, weight, bias, lora_a, lora_b, scaling = inputs
+    x, x_lora, weight, bias, lora_a, lora_b, scaling, _out_dtype = inputs
     ctx.save_for_backward(x_lora, weight, lora_a, lora_b)  # never h, never x separately
     ctx.scaling = scaling
     ctx.has_bias = bias is not None
@@ -124,12 +140,15 @@ def _backward(ctx, dy):
         d_a if ctx.needs_input_grad[4] else None,
         d_b if ctx.needs_input_grad[5] else None,
         None,
+        None,
     )
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+def lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling: float, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """One LoRA projection via ``graphtune::lora_linear`` (see the module docstring)."""
-    return torch.ops.graphtune.lora_linear(x, x_lora, weight, bias, lora_a, lora_b, float(scaling))
+    if out_dtype is None:
+        return torch.ops.graphtune.lora_linear(x, x_lora, weight, bias, lora_a, lora_b, float(scaling))
+    return torch.ops.graphtune.lora_linear(x, x_lora, weight, bias, lora_a, lora_b, float(scaling), out_dtype)

@@ -36,11 +36,20 @@ PASS_CLASSES: tuple[type[Pass], ...] = (
 __all__ = ["GraphContext", "Match", "Pass", "Rewrite", "PASS_CLASSES", "default_passes", "run_pipeline", "pass_by_name"]
 
 
-def default_passes() -> list[Pass]:
-    """The standard pipeline, each pass carrying the pattern variants families contribute."""
+def default_passes(device: str | None = None) -> list[Pass]:
+    """The standard pipeline, each pass carrying the pattern variants families contribute.
+
+    On ``device="cuda"``, ``fuse_lora`` and ``fuse_qlora`` leave peft's mixed-precision projections
+    (fp32 adapters on a half base, peft's default) to inductor, which was measured faster there with
+    and without a memory budget; the refusal names the reason in the report. Elsewhere they are fused.
+    """
     from graphtune.patterns import family_rewrites
 
-    return [cls(extra_rewrites=family_rewrites(cls.name)) for cls in PASS_CLASSES]
+    passes = []
+    for cls in PASS_CLASSES:
+        kw = {"fuse_mixed_precision": False} if cls in (FuseLoRA, FuseQLoRA) and device == "cuda" else {}
+        passes.append(cls(extra_rewrites=family_rewrites(cls.name), **kw))
+    return passes
 
 
 def pass_by_name(name: str) -> Pass:

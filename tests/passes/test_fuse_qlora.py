@@ -300,3 +300,17 @@ def test_resolver_reads_both_bitsandbytes_spellings():
             ph[k] for k in ("x", "b", "absmax_u8", "absmax2", "code2", "offset")
         )
         assert (call.out_features, call.in_features, call.blocksize, call.quant_type) == (8, 16, 64, "fp4")
+
+
+def test_cuda_default_refuses_mixed_precision_with_its_reason(checkpoint):
+    """default_passes("cuda") leaves peft's fp32 adapters on a bf16 compute dtype to bitsandbytes + the compiler
+    (the LoRA op was measured slower there); every projection is refused with that reason, none silently."""
+    from graphtune.passes.fuse_qlora import MIXED_PRECISION_LEFT_TO_COMPILER, FuseQLoRA
+
+    model = qlora_model(checkpoint("llama"), "llama", compute_dtype=torch.bfloat16, model_dtype=torch.bfloat16)
+    model(**tiny_batch(2, 9))
+    report = graphtune.explain(model, passes=[FuseQLoRA(fuse_mixed_precision=False)], **tiny_batch(2, 9))
+    result = _qlora_result(report)
+    assert result.count == 0
+    assert len({r.site for r in result.refused}) == _projections("llama")
+    assert {r.reason for r in result.refused} == {MIXED_PRECISION_LEFT_TO_COMPILER}
