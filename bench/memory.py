@@ -6,7 +6,9 @@ r=16 on q,k,v,o,gate,up,down, AdamW, batch 2 x 2048 tokens. Settings:
 * ``hf``            HF + peft eager (SDPA), nothing saved differently: the eager reference
 * ``hf-ckpt``       HF + peft with ``gradient_checkpointing_enable(use_reentrant=False)``
 * ``none``          graphtune.optimize(memory_budget=None): what the AOT partitioner keeps
-* ``75%`` ``50%`` ``25%``  graphtune with that fraction of the default plan's estimated activation peak
+* ``auto``          graphtune's default (0.9 of the free device memory: keeps everything while it fits)
+* ``6GiB`` ``4GiB`` ``2GiB`` (any size)  graphtune with that activation budget
+* ``50%`` (any percentage)  that fraction of the device memory free at compile time
 * ``0%``            graphtune's smallest plan (the policy decides whether offloading pays)
 * ``offload``       every layer recomputed, every layer input in pinned host memory (unsloth's
                     offloaded gradient checkpointing, with async copies and prefetch)
@@ -21,7 +23,7 @@ held before the step (weights + optimizer state), tokens/s (median of ``--steps`
 warm-up/compile step), the first step's wall time (compile), the step-0 loss (the same data and
 weights in every setting, so the losses agree to bf16 noise) and graphtune's plan.
 
-    python bench/memory.py [--settings hf,none,75%,50%,25%,offload] [--batch 2] [--seq 2048] [--steps 5]
+    python bench/memory.py [--settings hf,none,auto,4GiB,2GiB,offload] [--batch 2] [--seq 2048] [--steps 5]
 
 Each graphtune setting compiles the 1B graph with inductor (a minute or two); pass a subset with
 ``--settings`` to stay within a time limit.
@@ -46,8 +48,8 @@ import graphtune  # noqa: E402
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ALL = ("hf", "hf-ckpt", "none", "75%", "50%", "25%", "0%", "offload", "checkpoint", "hf-ckpt+gt", "aot-50%")
-DEFAULT = ("hf", "hf-ckpt", "none", "75%", "50%", "25%", "offload")
+ALL = ("hf", "hf-ckpt", "none", "auto", "6GiB", "4GiB", "2GiB", "50%", "0%", "offload", "checkpoint", "hf-ckpt+gt", "aot-50%")
+DEFAULT = ("hf", "hf-ckpt", "none", "auto", "6GiB", "4GiB", "2GiB", "offload")
 
 
 def make_model():
@@ -79,9 +81,9 @@ def run_setting(model, lora_state, setting: str, batch: dict, steps: int, compil
     patch = contextlib.nullcontext()
     if setting not in ("hf", "hf-ckpt"):
         budget = None
-        if setting.endswith("%") and not setting.startswith("aot"):
+        if setting.endswith(("%", "iB")) and not setting.startswith("aot"):
             budget = setting
-        elif setting in ("offload", "checkpoint"):
+        elif setting in ("offload", "checkpoint", "auto"):
             budget = setting
         elif setting == "aot-50%":
             patch = torch._functorch.config.patch(activation_memory_budget=0.5)
@@ -139,7 +141,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("memory.py needs a CUDA device (run it on the GPU machine)")
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in settings if s not in ALL]
+    unknown = [s for s in settings if s not in ALL and not s.endswith(("%", "iB"))]
     if unknown:
         sys.exit(f"unknown settings {unknown}; known: {', '.join(ALL)}")
     card = torch.cuda.get_device_name()

@@ -17,7 +17,7 @@ import torch
 
 from graphtune.capture import COMPILERS, CapturedGraph, capture, fresh_entry, make_backend, mark_dynamic_inputs
 from graphtune.errors import CaptureError, GraphtuneError, VerificationError
-from graphtune.memory import MEMORY_COMPILERS, MemoryBudget, MemoryPolicy, hf_checkpointing_off, parse_budget  # memory_budget
+from graphtune.memory import MEMORY_COMPILERS, MemoryBudget, MemoryPolicy, hf_checkpointing_off, parse_budget, resolve_default_budget  # memory_budget
 from graphtune.passes import Pass, default_passes, pass_by_name
 from graphtune.report import Report
 
@@ -278,7 +278,7 @@ def optimize(
     compiler: str | Callable = "inductor",
     verify: bool = False,
     attention: bool = True,
-    memory_budget: float | str | None = None,
+    memory_budget: float | str | None = "auto",
 ) -> torch.nn.Module:
     """Return ``model`` (same object, plain or peft-wrapped) with a captured, rewritten, compiled forward.
 
@@ -291,16 +291,25 @@ def optimize(
     through graphtune's attention node during optimized calls (``attn_implementation="graphtune"``,
     no ``[B, 1, T, T]`` mask; the ``dispatch_attention`` pass picks the kernel per layer);
     ``attention=False`` keeps the model's own implementation.
-    ``memory_budget`` bounds activation memory (see ``docs_memory.md``): ``None`` keeps what the
-    partitioner keeps; a fraction in [0, 1] or ``"60%"`` of that plan's activation peak, or a size
-    such as ``"4GiB"``; graphtune then recomputes decoder layers and offloads saved activations to
-    host memory until the estimated peak fits (``"checkpoint"`` / ``"offload"`` name those plans).
+    ``memory_budget`` bounds activation memory (README, "Activation memory"): ``None`` keeps what the
+    partitioner keeps; a fraction in [0, 1] or ``"60%"`` of the device memory free when the graph is
+    compiled, or a size such as ``"4GiB"``; graphtune then recomputes decoder layers and offloads
+    saved activations to host memory until the estimated peak fits (``"checkpoint"`` / ``"offload"``
+    name those plans). The default ``"auto"`` is 0.9 of free memory on CUDA with an AOTAutograd
+    compiler (nothing is recomputed while everything fits) and ``None`` elsewhere or when HF
+    gradient checkpointing is on (its layers are then recomputed).
     HF ``gradient_checkpointing_enable()`` is honoured: graphtune recomputes the same layers itself
     (with ``memory_budget`` set, the budget decides).
     """
     dtype = _check_model(model)
     if isinstance(compiler, str) and compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {', '.join(COMPILERS)} or a dynamo backend callable, not {compiler!r}")
+    if isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto":
+        first = next(iter(model.parameters()), None)
+        memory_budget = resolve_default_budget(memory_budget, first.device if first is not None else None)
+        hf_checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+        if compiler not in MEMORY_COMPILERS or hf_checkpointing:  # HF's own choice of layers is honoured
+            memory_budget = None
     budget = parse_budget(memory_budget)
     if budget is not None and compiler not in MEMORY_COMPILERS:
         raise ValueError(f"memory_budget needs compiler 'inductor' or 'aot_eager' (it acts on AOTAutograd's partition), not {compiler!r}")

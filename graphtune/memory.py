@@ -39,6 +39,7 @@ import dataclasses
 import inspect
 import math
 import operator
+import os
 import re
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -78,11 +79,12 @@ NAMED_PLANS = ("checkpoint", "offload")
 
 @dataclasses.dataclass(frozen=True)
 class MemoryBudget:
-    """A parsed ``memory_budget``: a fraction of the default plan's peak, a byte count, or a named plan.
+    """A parsed ``memory_budget``: a fraction of free device memory, a byte count, or a named plan.
 
-    ``fraction`` is relative to the activation peak of AOTAutograd's default partition of the same
-    graph (1.0 = that plan, 0.0 = the smallest plan graphtune can build). ``nbytes`` is absolute:
-    the activation peak (everything but weights, gradients and optimizer state) at the shape of the
+    ``fraction`` is relative to the memory free on the graph's device when the graph is compiled
+    (:func:`free_device_memory`: on CUDA what the driver reports free plus PyTorch's cached but
+    unused blocks; weights are already resident then). ``nbytes`` is absolute. Both bound the
+    activation peak (everything but weights, gradients and optimizer state) at the shape of the
     batch the graph was captured on. ``plan`` skips the search: ``"checkpoint"`` recomputes every
     decoder layer from its input (HF gradient checkpointing), ``"offload"`` does that and also keeps
     every layer input in host memory (unsloth's offloaded gradient checkpointing).
@@ -93,16 +95,40 @@ class MemoryBudget:
     plan: str | None = None
     text: str = ""
 
-    def target(self, default_peak: int) -> int | None:
+    def target(self, free_bytes: int) -> int | None:
         if self.plan is not None:
             return None
         if self.nbytes is not None:
             return self.nbytes
-        return int(math.floor(self.fraction * default_peak))
+        return int(math.floor(self.fraction * free_bytes))
+
+
+# optimize()'s default: keep what the partitioner keeps while it fits in this fraction of the free
+# device memory, recompute / offload only when it does not (CUDA only: elsewhere nothing is bounded)
+AUTO_FRACTION = 0.9
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Bytes an activation peak may use on ``device`` now: CUDA's free memory plus PyTorch's cached
+    unused blocks; the host's available memory for CPU tensors."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: nothing is bounded
+
+
+def resolve_default_budget(value: Any, device: torch.device | None) -> Any:
+    """``"auto"`` (optimize's default) -> ``AUTO_FRACTION`` of free memory on CUDA, else ``None``."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_FRACTION if device is not None and device.type == "cuda" else None
+    return value
 
 
 def parse_budget(value: Any) -> MemoryBudget | None:
-    """``None`` | fraction in [0, 1] | ``"60%"`` | ``"4GiB"`` / ``"512MB"`` | ``"checkpoint"`` / ``"offload"``.
+    """``None`` | fraction in [0, 1] of free device memory | ``"60%"`` | ``"4GiB"`` / ``"512MB"`` | ``"checkpoint"`` / ``"offload"``.
 
     A bare number is always a fraction, never a size: ``4`` would be ambiguous (4 bytes? 4 GiB?), so
     it is refused with a hint to write ``"4GiB"``.
@@ -115,7 +141,7 @@ def parse_budget(value: Any) -> MemoryBudget | None:
         frac = float(value)
         if math.isnan(frac) or not 0.0 <= frac <= 1.0:
             hint = f"; for an absolute budget write a size string, e.g. memory_budget='{value:g}GiB'" if frac > 1 else ""
-            raise ValueError(f"memory_budget={value!r}: a number is a fraction of the default activation peak and must be in [0, 1]{hint}")
+            raise ValueError(f"memory_budget={value!r}: a number is a fraction of the free device memory and must be in [0, 1]{hint}")
         return MemoryBudget(fraction=frac, text=f"{frac:g}")
     if isinstance(value, str):
         if value.strip().lower() in NAMED_PLANS:
@@ -684,6 +710,7 @@ class MemoryPolicy:
         self.budget = budget
         self.lookahead = lookahead
         self.hf_checkpointed: tuple[str, ...] = ()  # set by hf_checkpointing_off during a call
+        self.device = torch.device("cpu")  # the partitioned graph's device, set by partition()
         self.decisions: list[MemoryDecision] = []
 
     @property
@@ -731,6 +758,9 @@ class MemoryPolicy:
     # -- the partition function ----------------------------------------------------------------
     def partition(self, joint: fx.GraphModule, joint_inputs: Any, **kwargs: Any) -> tuple[fx.GraphModule, fx.GraphModule]:
         num_fwd_outputs = kwargs["num_fwd_outputs"]
+        tensors = [t for t in torch.utils._pytree.tree_leaves(joint_inputs) if isinstance(t, torch.Tensor)]
+        # the graph's device: any accelerator tensor among the inputs, else the host
+        self.device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
         layers = list(layer_regions(joint.graph))
         runs: dict[Plan, tuple[fx.GraphModule, fx.GraphModule, PeakEstimate, list[str]]] = {}
 
@@ -789,7 +819,7 @@ class MemoryPolicy:
         The ladder (module docstring) is ordered by cost and, nearly, by decreasing peak; a binary
         search over it partitions O(log L) candidates instead of all of them.
         """
-        target = self.budget.target(default.peak)
+        target = self.budget.target(free_device_memory(self.device))
         if default.peak <= target:
             return Plan(), target, True
         ladder = [Plan(checkpoint=tuple(layers[:n])) for n in range(1, len(layers) + 1)]

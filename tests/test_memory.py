@@ -85,8 +85,18 @@ def test_parse_budget_errors(value, error, match):
 
 
 def test_target_bytes():
-    assert MemoryBudget(fraction=0.25).target(1000) == 250
+    assert MemoryBudget(fraction=0.25).target(1000) == 250  # of the free device memory
     assert MemoryBudget(nbytes=123).target(1000) == 123
+
+
+def test_free_device_memory_and_auto_default():
+    assert memory.free_device_memory(torch.device("cpu")) > 0
+    assert memory.resolve_default_budget("auto", torch.device("cuda")) == memory.AUTO_FRACTION
+    assert memory.resolve_default_budget("auto", torch.device("cpu")) is None
+    assert memory.resolve_default_budget(" Auto ", None) is None
+    assert memory.resolve_default_budget("4GiB", torch.device("cuda")) == "4GiB"
+    model = graphtune.optimize(tiny_model("llama"), compiler="aot_eager")  # CPU: "auto" bounds nothing
+    assert model.forward.memory.budget is None
 
 
 def test_optimize_validates_budget_and_compiler():
@@ -149,10 +159,22 @@ class Captured:
         self.ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
 
     def compile(self, budget, compiler: str = "aot_eager"):
+        """A fraction is of the free device memory; here that memory is pinned to the default plan's
+        activation peak, so ``1.0`` is the partitioner's default and ``0.0`` the smallest plan."""
+        free = self.default_peak()
         policy = MemoryPolicy(parse_budget(budget))
         gm = fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph))
-        fn = policy.compile(gm, self.args, compiler)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(memory, "free_device_memory", lambda device: free)
+            fn = policy.compile(gm, self.args, compiler)
         return policy, fn
+
+    def default_peak(self) -> int:
+        if not hasattr(self, "_default_peak"):
+            policy = MemoryPolicy(parse_budget("1TiB"))  # fits: the partitioner's default plan
+            policy.compile(fx.GraphModule(self.gm, copy.deepcopy(self.gm.graph)), self.args, "aot_eager")
+            self._default_peak = policy.last.default_estimate.peak
+        return self._default_peak
 
     def check_numerics(self, fn, tol: float = 1e-5) -> None:
         self.model.zero_grad(set_to_none=True)
