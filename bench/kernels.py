@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import graphtune  # noqa: E402,F401  (registers torch.ops.graphtune.*)
+import graphtune.kernels  # noqa: E402,F401  (registers torch.ops.graphtune.*)
 
 
 def cuda_time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 25) -> float:

@@ -62,12 +62,19 @@ def _data(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``graphtune`` command. ``argv=None`` means this call is the process (the console script,
+    ``python -m graphtune``): ``graphtune export`` then runs as ``graphtune.export.cli.run_and_exit``
+    (no garbage collection during the graph analysis, no interpreter teardown at exit) and does not
+    return. With an explicit ``argv`` every verb returns its exit status."""
+    own_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "data":
         return _data(argv[1:])
     if argv and argv[0] == "export":
-        from graphtune.export.cli import main as export_main
+        from graphtune.export.cli import main as export_main, run_and_exit
 
+        if own_process:
+            run_and_exit(argv[1:])  # exits the process
         return int(export_main(argv[1:]) or 0)
     from graphtune.tiny import FAMILIES
 

@@ -13,6 +13,7 @@ analysis and the vocabulary are cached per checkpoint and code version (``grapht
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -145,6 +146,7 @@ def _run(args: argparse.Namespace, layers: int | None) -> int:
             vocab = build_vocab(load_tokenizer(), n_vocab)
             _store(cache, "vocab", vkey, lambda: {"vocab": cache.vocab_to_json(vocab)})
     phases["tokenizer"] = time.perf_counter() - t
+    _resume_gc()
 
     summary = to_gguf(model, vocab if vocab is not None else load_tokenizer(), args.out, quant=args.quant,
                       merge_lora=not args.no_merge, name=name, progress=progress, capture_layers=layers,
@@ -188,9 +190,32 @@ def _as_json(summary) -> dict:
     }
 
 
+_gc_deferred = False
+
+
+def _resume_gc() -> None:
+    """After the graph analysis and the vocabulary: what they left in memory is frozen (never scanned
+    again) and the collector runs again for the write. Only where :func:`run_and_exit` turned it off."""
+    global _gc_deferred
+    if _gc_deferred:
+        _gc_deferred = False
+        gc.freeze()
+        gc.enable()
+
+
 def run_and_exit(argv: list[str] | None = None) -> None:
-    """``main``, then leave without the interpreter's teardown of torch, triton, sympy and friends
-    (seconds of module clean-up at exit; the GGUF is already fsynced and renamed by then)."""
+    """``main`` as the whole process (``graphtune export``, ``python -m graphtune.export.cli``).
+
+    The cyclic garbage collector is off until the graph has been analysed: imports, the transformers
+    skeleton and dynamo's capture allocate millions of long-lived objects, and the collections they
+    trigger took ~2.5 s of a first export; the objects are then frozen and collection resumes
+    (:func:`_resume_gc`). At the end the process leaves without the interpreter's teardown of torch,
+    triton, sympy and friends (seconds of module clean-up at exit; the GGUF is already fsynced and
+    renamed by then)."""
+    global _gc_deferred
+    if gc.isenabled():
+        gc.disable()
+        _gc_deferred = True
     try:
         rc = main(argv)
     except SystemExit as e:

@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import math
@@ -151,6 +152,17 @@ def export_passes() -> list:
     return [pass_by_name(n) for n in EXPORT_PASSES]
 
 
+def _no_gc_after_compile():
+    """Dynamo runs ``gc.collect(1)`` after every compile (``run_gc_after_compile``), for training
+    jobs that compile again and again. The export compiles once; under ``graphtune export``, whose
+    collector is off until the graph is analysed, that collection scans every object allocated since
+    start-up (~0.7 s). The capture's garbage is left to the collector's own schedule instead."""
+    cfg = torch._dynamo.config
+    if hasattr(cfg, "run_gc_after_compile"):
+        return cfg.patch(run_gc_after_compile=False)
+    return contextlib.nullcontext()
+
+
 def capture_graph(model: torch.nn.Module, *, capture_layers: int | None = 2):
     """The captured, rewritten graph of ``model`` (graphtune's ``CapturedGraph``) for export.
 
@@ -180,7 +192,7 @@ def capture_graph(model: torch.nn.Module, *, capture_layers: int | None = 2):
         emb = _unwrap(model).get_input_embeddings()
         n_vocab = int(emb.weight.shape[0]) if emb is not None else 8
         ids = (torch.arange(4) % max(1, n_vocab)).unsqueeze(0).to(_device(model))
-        with torch.no_grad():
+        with torch.no_grad(), _no_gc_after_compile():
             compiled(input_ids=ids, use_cache=False)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
         from graphtune.errors import CaptureError

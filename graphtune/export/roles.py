@@ -30,7 +30,14 @@ from collections.abc import Iterable
 import torch
 import torch.fx as fx
 
-from graphtune.passes.base import module_stack
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """``graphtune.passes.base.module_stack``, imported on first use: the roles of a cached analysis
+    (``graphtune.export.cache``) are rebuilt without loading the passes and their kernels."""
+    from graphtune.passes.base import module_stack as stack
+
+    return stack(node)
+
 
 _LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B)\.")
 # ops that move data without mixing tensors: followed when tracing a projection to its consumer
