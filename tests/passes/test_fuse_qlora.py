@@ -314,3 +314,31 @@ def test_cuda_default_refuses_mixed_precision_with_its_reason(checkpoint):
     assert result.count == 0
     assert len({r.site for r in result.refused}) == _projections("llama")
     assert {r.reason for r in result.refused} == {MIXED_PRECISION_LEFT_TO_COMPILER}
+
+
+def test_matmul4bit_body_output_nesting():
+    """bitsandbytes' MatMul4Bit body returns its output first, then what it saves; torch 2.13 nests it as
+    ((out,), saved...), torch 2.11 differently. The resolver reads the first output leaf, so a flat
+    (out, saved...) resolves to the same operands, and a body whose first leaf is not the 4-bit call is refused."""
+    from graphtune.capture import capture
+
+    model = manual_qlora_model("llama")
+    batch = tiny_batch(2, 9)
+    captured, _ = capture(model, type(model).forward.__get__(model), (), batch, [])
+    gm = captured.gm
+    afa = next(n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__name__", "") == "autograd_function_apply")
+    base = next(u for u in afa.users if u.target is operator.getitem and u.args[1] == 0)
+    expected = resolve_bnb_4bit(base)
+    assert not isinstance(expected, str), expected
+    body = getattr(gm, afa.args[0].target)
+    out_node = next(n for n in body.graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    assert isinstance(result[0], (tuple, list)) and len(result[0]) == 1  # torch 2.13's nesting
+    out_node.args = ((result[0][0], *result[1:]),)  # the flat nesting
+    flat = resolve_bnb_4bit(base)
+    assert not isinstance(flat, str), flat
+    assert (flat.x, flat.packed, flat.absmax, flat.out_features, flat.blocksize) == (
+        expected.x, expected.packed, expected.absmax, expected.out_features, expected.blocksize)
+    first_input = next(n for n in body.graph.nodes if n.op == "placeholder")
+    out_node.args = ((first_input, *result[1:]),)  # first leaf is not the 4-bit call: refused, not guessed
+    assert isinstance(resolve_bnb_4bit(base), str)
