@@ -28,14 +28,14 @@ VERIFY_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 1e
 _INTEGER_INPUTS = ("input_ids", "labels", "position_ids", "attention_mask")
 
 
-def _model_device(model: torch.nn.Module) -> str | None:
+def _model_device(model: torch.nn.Module) -> torch.device | None:
     p = next(iter(model.parameters()), None)
-    return p.device.type if p is not None else None
+    return p.device if p is not None else None
 
 
-def _resolve_passes(passes: Sequence[Pass | str] | None, device: str | None = None) -> list[Pass]:
+def _resolve_passes(passes: Sequence[Pass | str] | None, device: torch.device | None = None) -> list[Pass]:
     if passes is None:
-        return default_passes(device)
+        return default_passes(device.type if device is not None else None)
     out = []
     for p in passes:
         if isinstance(p, str):
@@ -304,17 +304,14 @@ def optimize(
     dtype = _check_model(model)
     if isinstance(compiler, str) and compiler not in COMPILERS:
         raise ValueError(f"compiler must be one of {', '.join(COMPILERS)} or a dynamo backend callable, not {compiler!r}")
-    if isinstance(memory_budget, str) and memory_budget.strip().lower() == "auto":
-        first = next(iter(model.parameters()), None)
-        memory_budget = resolve_default_budget(memory_budget, first.device if first is not None else None)
-        hf_checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
-        if compiler not in MEMORY_COMPILERS or hf_checkpointing:  # HF's own choice of layers is honoured
-            memory_budget = None
+    device = _model_device(model)
+    hf_checkpointing = any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+    memory_budget = resolve_default_budget(memory_budget, device, aot_compiler=compiler in MEMORY_COMPILERS, hf_checkpointing=hf_checkpointing)
     budget = parse_budget(memory_budget)
     if budget is not None and compiler not in MEMORY_COMPILERS:
         raise ValueError(f"memory_budget needs compiler 'inductor' or 'aot_eager' (it acts on AOTAutograd's partition), not {compiler!r}")
     restore(model)
-    model.forward = OptimizedForward(model, _resolve_passes(passes, _model_device(model)), compiler, verify, dtype, attention, budget)
+    model.forward = OptimizedForward(model, _resolve_passes(passes, device), compiler, verify, dtype, attention, budget)
     return model
 
 

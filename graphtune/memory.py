@@ -120,11 +120,14 @@ def free_device_memory(device: torch.device) -> int:
         return 1 << 62  # unknown: nothing is bounded
 
 
-def resolve_default_budget(value: Any, device: torch.device | None) -> Any:
-    """``"auto"`` (optimize's default) -> ``AUTO_FRACTION`` of free memory on CUDA, else ``None``."""
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return AUTO_FRACTION if device is not None and device.type == "cuda" else None
-    return value
+def resolve_default_budget(value: Any, device: torch.device | None, *, aot_compiler: bool = True, hf_checkpointing: bool = False) -> Any:
+    """``"auto"`` (optimize's default) -> ``AUTO_FRACTION`` of free memory on CUDA, else ``None``;
+    also ``None`` without an AOTAutograd compiler or when HF checkpointing is on (its layers are then
+    honoured). Any other value is returned as it is."""
+    if not (isinstance(value, str) and value.strip().lower() == "auto"):
+        return value
+    on_cuda = device is not None and device.type == "cuda"
+    return AUTO_FRACTION if on_cuda and aot_compiler and not hf_checkpointing else None
 
 
 def parse_budget(value: Any) -> MemoryBudget | None:

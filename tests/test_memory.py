@@ -95,6 +95,8 @@ def test_free_device_memory_and_auto_default():
     assert memory.resolve_default_budget("auto", torch.device("cpu")) is None
     assert memory.resolve_default_budget(" Auto ", None) is None
     assert memory.resolve_default_budget("4GiB", torch.device("cuda")) == "4GiB"
+    assert memory.resolve_default_budget("auto", torch.device("cuda"), aot_compiler=False) is None
+    assert memory.resolve_default_budget("auto", torch.device("cuda"), hf_checkpointing=True) is None
     model = graphtune.optimize(tiny_model("llama"), compiler="aot_eager")  # CPU: "auto" bounds nothing
     assert model.forward.memory.budget is None
 
