@@ -60,14 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphtune export: {e}", file=sys.stderr)
         return 2
     layers = None if args.capture_layers == "all" else int(args.capture_layers)
+    pre = None
+    if not (args.adapter or args.merged or args.lora_gguf) and args.device in (None, "cpu") and Path(args.model).is_dir():
+        # before torch and transformers are imported: the quantization and the disk work on the
+        # other core while this one imports and captures (see graphtune.export.prequant)
+        from graphtune.export import prequant
+
+        pre = prequant.start_for(args.model, args.quant, args.out)
     try:
-        return _run(args, layers)
+        return _run(args, layers, pre)
     except (ExportError, FileNotFoundError, OSError, ValueError) as e:
         print(f"graphtune export: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    finally:
+        if pre is not None:
+            pre.close()
 
 
-def _run(args: argparse.Namespace, layers: int | None) -> int:
+def _run(args: argparse.Namespace, layers: int | None, prequantizer=None) -> int:
     t0 = time.perf_counter()
     import torch
 
@@ -107,7 +117,7 @@ def _run(args: argparse.Namespace, layers: int | None) -> int:
         # the cache of an earlier export of this checkpoint), tensors streamed from safetensors
         from graphtune.export.gguf import Lowering
 
-        source = SafetensorsSource(model_dir)
+        source = SafetensorsSource(model_dir, prequantizer=prequantizer)
         key = (cache.lowering_key(model_dir, source.signature(), layers)
                if use_cache and (model_dir / "config.json").is_file() else None)
         entry = cache.load("lowering", key) if key else None

@@ -32,12 +32,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
+import io
 import logging
 import math
 import os
-import threading
+import struct
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +48,7 @@ import torch
 
 import gguf
 
-from graphtune.export import quants, recipes
+from graphtune.export import fileio, quants, recipes
 from graphtune.export.families import (
     ExportError,
     GGUFFamily,
@@ -216,6 +217,11 @@ class PlannedTensor:
     produce: Callable[[], torch.Tensor]
     source: str
     reason: str | None = None
+    # the checkpoint tensor this one is made from, and (called lazily) the rows of it the family's
+    # transform gathers (None: not a proven row gather); what lets graphtune.export.prequant's
+    # speculative quantization of that checkpoint tensor stand for this tensor's bytes
+    checkpoint_key: str | None = None
+    row_gather: Callable[[], torch.Tensor | None] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -495,18 +501,18 @@ class Lowering:
         return produce
 
     def plan(self, file_type: str) -> tuple[list[PlannedTensor], list[str]]:
-        items: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], str]] = []
+        items: list[tuple[str, tuple[int, ...], Callable[[], torch.Tensor], str, ParamRole | None]] = []
         named = self.names()
         for r, name in named[:1]:
-            items.append((name, self.source.shape(r.fqn), self.producer(r), r.fqn))
+            items.append((name, self.source.shape(r.fqn), self.producer(r), r.fqn, r))
         for extra in self.family.extra_tensors():
-            items.append((extra.name, tuple(extra.data.shape), (lambda d=extra.data: d), "computed"))
+            items.append((extra.name, tuple(extra.data.shape), (lambda d=extra.data: d), "computed", None))
         for r, name in named[1:]:
-            items.append((name, self.source.shape(r.fqn), self.producer(r), r.fqn))
-        choices = recipes.plan_types([(n, s) for n, s, _, _ in items], file_type, self.spec.n_layers,
+            items.append((name, self.source.shape(r.fqn), self.producer(r), r.fqn, r))
+        choices = recipes.plan_types([(n, s) for n, s, _, _, _ in items], file_type, self.spec.n_layers,
                                      self.family.arch, n_head=self.spec.n_head, n_head_kv=self.spec.n_head_kv)
         planned, fallbacks = [], []
-        for (name, shape, produce, src), ch in zip(items, choices):
+        for (name, shape, produce, src, role), ch in zip(items, choices):
             qtype = ch.type
             reason = ch.reason
             if not quants.can_quantize(shape, qtype):
@@ -515,159 +521,218 @@ class Lowering:
             if reason:
                 fallbacks.append(reason)
                 logger.warning("fallback: %s", reason)
-            planned.append(PlannedTensor(name, tuple(int(s) for s in shape), qtype, produce, src, reason))
+            shape = tuple(int(s) for s in shape)
+            key = gather = None
+            if role is not None and len(shape) == 2:
+                key = canonical_name(role.fqn)
+                gather = functools.partial(self.family.transform_row_gather, role.role, role.bid, role.part, shape,
+                                           role.offset)
+            planned.append(PlannedTensor(name, shape, qtype, produce, src, reason, key, gather))
         return planned, fallbacks
 
 
 # -- writing ------------------------------------------------------------------------------------
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+_PAD_KEY = "graphtune.header_padding"
 
 
-def _pwrite(fd: int, data, offset: int) -> None:
-    """All of ``data`` at ``offset`` (positional: writer threads never share a file position)."""
-    view = memoryview(data).cast("B")
-    while len(view):
-        if hasattr(os, "pwrite"):
-            n = os.pwrite(fd, view, offset)
-        else:  # pragma: no cover - Windows
-            with _SEEK_LOCK:
-                os.lseek(fd, offset, os.SEEK_SET)
-                n = os.write(fd, view)
-        view = view[n:]
-        offset += n
+def _header_bytes(arch: str, set_kv: Callable[[gguf.GGUFWriter], None],
+                  planned: Sequence[PlannedTensor]) -> tuple[bytes, int]:
+    """Header, metadata and tensor infos (in ``planned`` order) as gguf-py writes them, and the
+    offset where the key-value section ends."""
+    w = gguf.GGUFWriter(None, arch)
+    set_kv(w)
+    for t in planned:
+        w.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+    buf = io.BytesIO()
+    w.fout, w.state = [buf], gguf.gguf_writer.WriterState.EMPTY
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    kv_end = buf.tell()
+    w.write_ti_data_to_file()
+    return buf.getvalue(), kv_end
 
 
-_SEEK_LOCK = threading.Lock()
-_FADV_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None) if hasattr(os, "posix_fadvise") else None
-_PAGE = 4096
-_DIRECT_MIN = 1 << 20  # tensors from this size on go through O_DIRECT where available
+_GGUF_N_KV_AT = 16  # GGUF v3: magic (4), version (4), tensor count (8), then the key-value count (8)
 
 
-class _TensorFile:
-    """Whole tensors written at their offsets into the pre-sized temporary file.
+def _padded_header(header: bytes, kv_end: int, pad_to: int) -> bytes:
+    """``header`` with one more key, ``graphtune.header_padding`` (a string of spaces), so that it
+    ends exactly at ``pad_to``: where the data section must begin because tensors were already
+    written there (:mod:`graphtune.export.prequant`). llama.cpp ignores keys it does not know."""
+    key = _PAD_KEY.encode()
+    n = pad_to - len(header) - (8 + len(key) + 4 + 8)
+    if n < 0:
+        raise ValueError(f"the GGUF header ({len(header)} bytes) does not fit before offset {pad_to}")
+    (n_kv,) = struct.unpack_from("<Q", header, _GGUF_N_KV_AT)
+    pad = struct.pack("<Q", len(key)) + key + struct.pack("<IQ", int(gguf.GGUFValueType.STRING), n) + b" " * n
+    return b"".join((header[:_GGUF_N_KV_AT], struct.pack("<Q", n_kv + 1), header[_GGUF_N_KV_AT + 8:kv_end], pad,
+                     header[kv_end:]))
 
-    Where the platform and the filesystem allow ``O_DIRECT``, a large tensor is quantized into a
-    buffer laid out like its pages in the file, and its page-aligned middle goes to the disk from
-    there (no copy into the page cache, nothing left for the final fsync to write back); its first
-    and last partial pages, small tensors, and everything elsewhere go through ordinary ``pwrite``
-    (then ``posix_fadvise(DONTNEED)`` starts their writeback at once).
-    """
 
-    def __init__(self, path: Path, fd: int):
-        self.fd = fd
-        self.direct_fd: int | None = None
-        if hasattr(os, "O_DIRECT"):
-            try:
-                self.direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-            except OSError:
-                self.direct_fd = None
-        self._local = threading.local()
+class _Speculation:
+    """The tensors a :class:`graphtune.export.prequant.Prequantizer` already wrote into the output's
+    temporary file, matched to the plan -- or the reason they cannot be used."""
 
-    def close(self) -> None:
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
-
-    def buffer(self, offset: int, nbytes: int) -> np.ndarray | None:
-        """A reusable (per thread) uint8 buffer for a tensor of ``nbytes`` at ``offset`` whose file
-        page boundaries are memory page boundaries; None where O_DIRECT is not used."""
-        if self.direct_fd is None or nbytes < _DIRECT_MIN:
-            return None
-        head = offset % _PAGE
-        need = -(-(head + nbytes) // _PAGE) * _PAGE
-        mm = getattr(self._local, "mm", None)
-        if mm is None or len(mm) < need:
-            import mmap
-
-            self._local.mm = mm = mmap.mmap(-1, need)  # anonymous: page-aligned
-        return np.frombuffer(mm, np.uint8, count=nbytes, offset=head)
-
-    def write(self, data: np.ndarray, offset: int, direct: bool) -> None:
-        data = memoryview(np.ascontiguousarray(data)).cast("B")
-        end = offset + len(data)
-        a, b = -(-offset // _PAGE) * _PAGE, end // _PAGE * _PAGE
-        if direct and self.direct_fd is not None and b > a:
-            _pwrite(self.fd, data[:a - offset], offset)
-            try:
-                _pwrite(self.direct_fd, data[a - offset:b - offset], a)
-            except OSError:  # the filesystem refuses after all: buffered from now on
-                self.direct_fd = None
-                _pwrite(self.fd, data[a - offset:b - offset], a)
-            _pwrite(self.fd, data[b - offset:], b)
+    def __init__(self, pre: Any, planned: Sequence[PlannedTensor]):
+        self.pre = pre
+        self.reason: str | None = None
+        self.order: list[int] = []
+        self.slot_of: dict[int, Any] = {}
+        if pre.tmp is None:
+            self.reason = "no file was begun"
             return
-        _pwrite(self.fd, data, offset)
-        if _FADV_DONTNEED is not None and len(data) >= _DIRECT_MIN:
-            # start writing this tensor to disk now, overlapped with the next ones, instead of
-            # all of it in the final fsync (the pages then leave the page cache)
-            os.posix_fadvise(self.fd, offset, len(data), _FADV_DONTNEED)
+        by_key: dict[str, list[int]] = {}
+        for i, t in enumerate(planned):
+            if t.checkpoint_key is not None:
+                by_key.setdefault(t.checkpoint_key, []).append(i)
+        for slot in pre.slots:
+            hits = [i for i in by_key.get(slot.key, ())
+                    if planned[i].qtype == slot.qtype and planned[i].nbytes == slot.nbytes]
+            if len(hits) != 1:
+                self.reason = (f"{slot.key}: {len(hits)} planned tensors of its type and size"
+                               + ("" if slot.key in by_key else " (not exported)"))
+                return
+            self.slot_of[hits[0]] = slot
+        self.order = [i for i, _ in sorted(self.slot_of.items(), key=lambda kv: kv[1].offset)]
+        self.order += [i for i in range(len(planned)) if i not in self.slot_of]
 
 
 def write_gguf(path: Path, arch: str, set_kv: Callable[[gguf.GGUFWriter], None], planned: Sequence[PlannedTensor], *,
-               progress: bool = True, device: str | None = None, workers: int | None = None) -> None:
+               progress: bool = True, device: str | None = None, workers: int | None = None,
+               speculation: Any = None) -> dict[str, Any]:
     """Write header, metadata and tensors (produced on demand) to ``path`` atomically.
 
     The header and tensor infos fix every tensor's offset, so ``workers`` threads (default: the
     usable cores, one more with O_DIRECT) each produce, quantize and write whole tensors at their
-    offsets (:class:`_TensorFile`), in any order, largest first; at most ``workers + 1`` tensors
-    are in memory at once. Padding between tensors is the zeros of the pre-sized file, as gguf-py
-    writes it.
+    offsets (:class:`graphtune.export.fileio.TensorFile`), in any order, largest first; at most
+    ``workers + 1`` tensors are in memory at once. Padding between tensors is the zeros of the
+    pre-sized file, as gguf-py writes it.
+
+    ``speculation``: a :class:`graphtune.export.prequant.Prequantizer` that quantized checkpoint
+    tensors while the graph was captured. Its in-memory results stand for a planned tensor of the
+    same type whose transform is a proven row gather (rows reordered, bytes identical). When it
+    also began the output file, its slots come first in the data section and the header is padded
+    to where they begin; if the plan does not use every slot exactly (type, size) or the header
+    does not fit, its file is discarded and the tensors are laid out as usual.
+
+    Returns what the speculation contributed: ``{"layout": "speculative" | "usual", "on_disk": n,
+    "from_memory": n, "reason": why the speculative layout was not used (or None)}``.
     """
     path = Path(path)
     if workers is None:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    writer = gguf.GGUFWriter(tmp, arch)
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
     bar = out = None
+    tmp: Path | None = None
+    fd: int | None = None
     try:
-        set_kv(writer)
-        for t in planned:
-            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        fout = writer.fout[0]
-        fout.flush()
-        align = writer.data_alignment
-        offsets, pos = [], gguf.GGUFWriter.ggml_pad(fout.tell(), align)
-        for t in planned:
-            offsets.append(pos)
-            pos += gguf.GGUFWriter.ggml_pad(t.nbytes, align)
-        fd = fout.fileno()
+        spec = _Speculation(speculation, planned) if speculation is not None else None
+        header = None
+        if spec is not None and spec.reason is None:
+            # the slots are at the start of the file: the header goes in front of them, padded
+            # to whole filesystem blocks, which the filesystem inserts without moving the data
+            tmp, fd = speculation.claim()
+            ordered = [planned[i] for i in spec.order]
+            block = max(fileio.PAGE, os.fstat(fd).st_blksize)
+            plain, kv_end = _header_bytes(arch, set_kv, ordered)
+            data_start = -(-(len(plain) + 64 + len(_PAD_KEY)) // block) * block
+            try:
+                header = _padded_header(plain, kv_end, data_start)
+                fileio.insert_range(fd, 0, data_start)
+            except OSError as e:
+                spec.reason = f"the header cannot be inserted before the written tensors ({e})"
+                header = None
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                tmp = fd = None
+        stats: dict[str, Any] = {"layout": "usual", "on_disk": 0, "from_memory": 0,
+                                 "reason": spec.reason if spec is not None else None}
+        if header is not None:
+            stats["layout"] = "speculative"
+            order = spec.order
+        else:
+            if spec is not None and speculation.tmp is not None:
+                logger.info("speculative tensor layout not used (%s); writing the usual layout", spec.reason)
+                speculation.discard_file()
+            spec = None
+            order = list(range(len(planned)))
+            header, _ = _header_bytes(arch, set_kv, planned)
+            data_start = gguf.GGUFWriter.ggml_pad(len(header), align)
+            tmp = fileio.tmp_path_for(path)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        offsets: dict[int, int] = {}
+        pos = data_start
+        for i in order:
+            offsets[i] = pos
+            pos += gguf.GGUFWriter.ggml_pad(planned[i].nbytes, align)
         os.ftruncate(fd, pos)
-        out = _TensorFile(tmp, fd)
+        fileio.pwrite(fd, header, 0)
+        out = fileio.TensorFile(tmp, fd)
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(t.nbytes for t in planned), unit="B", unit_scale=True, desc=f"GGUF {path.name}")
 
+        used: list[str] = []  # appended to from the writer threads
+
+        def from_speculation(t: PlannedTensor, slot: Any, buf: np.ndarray | None) -> np.ndarray | bool | None:
+            """True: the slot already holds the bytes; an array: the bytes; None: make them."""
+            if speculation is None or t.checkpoint_key is None or t.row_gather is None:
+                return None
+            index = t.row_gather()
+            if index is None:
+                return None
+            identity = index.numel() == t.shape[0] and bool((index == torch.arange(t.shape[0])).all())
+            if slot is not None and identity and speculation.on_disk(t.checkpoint_key):
+                used.append("on_disk")
+                return True
+            raw = speculation.take(t.checkpoint_key, t.qtype)
+            if raw is None:
+                return None
+            used.append("from_memory")
+            if identity and raw.shape[0] == t.shape[0]:
+                return raw if buf is None else quants._into(raw, buf)
+            rows = index.numpy()
+            if buf is None:
+                return np.take(raw, rows, axis=0)
+            view = buf.reshape(-1).view(np.uint8)[:rows.size * raw.shape[1]].reshape(rows.size, raw.shape[1])
+            np.take(raw, rows, axis=0, out=view)
+            return view
+
         def job(i: int) -> int:
             t = planned[i]
-            data = t.produce()
-            if tuple(data.shape) != t.shape:
-                raise ExportError(f"{t.name}: produced shape {tuple(data.shape)}, planned {t.shape}")
-            # one thread per tensor: the tensors themselves are the parallel work
             buf = out.buffer(offsets[i], t.nbytes)
-            arr = quants.quantize(data, t.qtype, device=device, threads=1, out=buf)
-            del data
+            arr = from_speculation(t, spec.slot_of.get(i) if spec is not None else None, buf)
+            if arr is True:
+                return t.nbytes
+            if arr is None:
+                data = t.produce()
+                if tuple(data.shape) != t.shape:
+                    raise ExportError(f"{t.name}: produced shape {tuple(data.shape)}, planned {t.shape}")
+                # one thread per tensor: the tensors themselves are the parallel work
+                arr = quants.quantize(data, t.qtype, device=device, threads=1, out=buf)
+                del data
             if arr.nbytes != t.nbytes:
                 raise ExportError(f"{t.name}: {t.qtype.name} data is {arr.nbytes} bytes, planned {t.nbytes}")
-            out.write(arr, offsets[i], direct=buf is not None)
+            if buf is not None and arr.ctypes.data == buf.ctypes.data:
+                out.write(arr, offsets[i], direct=True)
+            else:
+                out.put(arr, offsets[i])
             return t.nbytes
 
         if out.direct_fd is not None:
             workers += 1  # one more than the cores: a worker waiting for the disk leaves its core to the others
         workers = max(1, min(workers, len(planned)))
         # biggest tensors first, so that the last ones to finish are small
-        order = sorted(range(len(planned)), key=lambda i: -planned[i].nbytes)
+        by_size = sorted(range(len(planned)), key=lambda i: -planned[i].nbytes)
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="graphtune-gguf") as pool:
             pending: set = set()
             nxt = 0
             try:
-                while nxt < len(order) or pending:
-                    while nxt < len(order) and len(pending) <= workers:
-                        pending.add(pool.submit(job, order[nxt]))
+                while nxt < len(by_size) or pending:
+                    while nxt < len(by_size) and len(pending) <= workers:
+                        pending.add(pool.submit(job, by_size[nxt]))
                         nxt += 1
                     done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
                     for f in done:
@@ -680,21 +745,28 @@ def write_gguf(path: Path, arch: str, set_kv: Callable[[gguf.GGUFWriter], None],
                 raise
         out.close()
         os.fsync(fd)
-        writer.close()
+        os.close(fd)
+        fd = None
         os.replace(tmp, path)
+        tmp = None
         try:
             dfd = os.open(path.parent, os.O_RDONLY)
             os.fsync(dfd)
             os.close(dfd)
         except OSError:
             pass
-    except BaseException:
+        for k in used:
+            stats[k] += 1
+        return stats
+    finally:
         if out is not None:
             out.close()
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if speculation is not None:
+            speculation.close()
         if bar is not None:
             bar.close()
 
@@ -775,10 +847,16 @@ def to_gguf(model: torch.nn.Module, tokenizer: Any, path: str | os.PathLike, qua
         vocab.write(w)
 
     t_write = time.perf_counter()
-    write_gguf(Path(path), low.family.arch_name, set_kv, planned, progress=progress, device=device)
+    spec = write_gguf(Path(path), low.family.arch_name, set_kv, planned, progress=progress, device=device,
+                      speculation=getattr(low.source, "prequantizer", None))
     seconds["write"] = time.perf_counter() - t_write
     seconds["total"] = time.perf_counter() - t0
     notes = list(low.family.notes) + list(vocab.notes) + name_notes
+    if spec["from_memory"] or spec["on_disk"]:
+        notes.append(f"{spec['from_memory'] + spec['on_disk']} of {len(planned)} tensors were quantized while the graph "
+                     f"was captured ({spec['on_disk']} already written to the file, {spec['layout']} layout)")
+    elif spec["reason"]:
+        notes.append(f"speculative quantization not used: {spec['reason']}")
     for n in notes:
         logger.info("note: %s", n)
     return ExportSummary(

@@ -157,10 +157,11 @@ class SafetensorsSource:
     tensor is read (memory-mapped) only when it is written.
     """
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike, *, prequantizer: Any = None):
         from safetensors import safe_open
 
         self.directory = Path(directory)
+        self.prequantizer = prequantizer  # graphtune.export.prequant.Prequantizer started on this folder
         files = sorted(self.directory.glob("*.safetensors"))
         if not files:
             raise ExportError(f"no *.safetensors files in {self.directory}")
@@ -201,6 +202,13 @@ class SafetensorsSource:
     def get(self, fqn: str, *, merge: bool | None = None) -> torch.Tensor:
         key = self._key(fqn)
         return self._where[key].get_tensor(key).float()
+
+    def prequantized(self, fqn: str, qtype: int):
+        """The checkpoint tensor ``fqn`` already quantized to ``qtype`` (``[rows, bytes per row]``,
+        uint8) by the prequantizer, or None. The first call ends the speculation."""
+        if self.prequantizer is None:
+            return None
+        return self.prequantizer.take(self._key(fqn), int(qtype))
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

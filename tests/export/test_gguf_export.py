@@ -372,15 +372,17 @@ def test_tensors_are_written_at_their_offsets_in_any_order(tiny_llama, spm_token
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    monkeypatch.setattr(gg, "_DIRECT_MIN", 0 if direct else 1 << 62)
+    from graphtune.export import fileio
+
+    monkeypatch.setattr(fileio, "DIRECT_MIN", 0 if direct else 1 << 62)
     ways = []
-    real_write = gg._TensorFile.write
+    real_write = fileio.TensorFile.write
 
     def write(self, data, offset, direct):
         ways.append(direct and self.direct_fd is not None)
         return real_write(self, data, offset, direct)
 
-    monkeypatch.setattr(gg._TensorFile, "write", write)
+    monkeypatch.setattr(fileio.TensorFile, "write", write)
     gg.write_gguf(tmp_path / "b.gguf", "llama", lambda _w: None, planned, progress=False, workers=4)
     assert (tmp_path / "b.gguf").read_bytes() == (tmp_path / "ref.gguf").read_bytes()
     if not direct:

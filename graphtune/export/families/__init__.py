@@ -251,6 +251,35 @@ class GGUFFamily:
         m_owner = next(c for c in mro if "transform_moves_only" in c.__dict__)
         return issubclass(m_owner, t_owner) and self.transform_moves_only(role, bid, part, offset)
 
+    def transform_row_gather(self, role: str, bid: int | None, part: str, shape: tuple[int, ...],
+                             offset: float = 0.0) -> torch.Tensor | None:
+        """Where ``transform`` of a ``[rows, cols]`` tensor only reorders (or selects) whole rows:
+        ``index`` such that ``transform(t) == t[index]``; None where it does anything else.
+
+        Why: ggml's block quantization is row-local, so the checkpoint tensor's quantized rows,
+        gathered by ``index``, are the exported tensor's bytes (:mod:`graphtune.export.prequant`).
+        Proven on this exact shape with two index probes, and only for a transform that vouches it
+        moves values (:meth:`accepts_native_dtype`), i.e. whose movement does not depend on them:
+        the row probe must come back constant along each row, the column probe unchanged.
+        """
+        if len(shape) != 2 or not self.accepts_native_dtype(role, bid, part, offset):
+            return None
+        rows, cols = (int(s) for s in shape)
+        if rows * cols >= 2**31:
+            return None
+        row_probe = torch.arange(rows, dtype=torch.int32)[:, None].expand(rows, cols)
+        col_probe = torch.arange(cols, dtype=torch.int32)[None, :].expand(rows, cols)
+        by_row = self.transform(role, bid, part, row_probe, offset)
+        by_col = self.transform(role, bid, part, col_probe, offset)
+        if by_row is row_probe and by_col is col_probe:
+            return torch.arange(rows)
+        if (by_row.dim() != 2 or by_row.shape != by_col.shape or by_row.shape[1] != cols
+                or by_row.dtype != torch.int32 or by_col.dtype != torch.int32):
+            return None
+        if not bool((by_col == col_probe[:1]).all()) or not bool((by_row == by_row[:, :1]).all()):
+            return None
+        return by_row[:, 0].to(torch.int64)
+
     def extra_tensors(self) -> Iterable[ExtraTensor]:
         return ()
 
