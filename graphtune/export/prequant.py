@@ -242,6 +242,7 @@ class Prequantizer:
             self.held_bytes = 0
 
     def _quantize_all(self) -> None:
+        _yield_cpu()
         try:
             from graphtune.export import _cquants
 
@@ -279,6 +280,7 @@ class Prequantizer:
 
     def _write_all(self) -> None:
         """Each finished tensor into its slot, while the quantizer goes on with the next."""
+        _yield_cpu()
         try:
             while True:
                 slot = self._finished.get()
@@ -320,6 +322,15 @@ class Prequantizer:
         finally:
             del src_view
         return out.reshape(rows, cols // block * size)
+
+
+def _yield_cpu() -> None:
+    """This thread at a lower scheduling priority (Linux: nice is per thread): the speculation
+    should take the cores the capture leaves idle, not time from the capture itself."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux, or not permitted
+        pass
 
 
 def _quantized_nbytes(shape: tuple[int, ...], qtype: int) -> int:

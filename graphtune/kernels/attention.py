@@ -534,13 +534,26 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask
     """
     from torch.nn.attention.flex_attention import flex_attention as _flex
 
+    compiled = not _tracing() and _compile_eager_flex(q)
+    # Under the eager wrapper's torch.compile, a Python float the score_mod closes over becomes a
+    # CPU float64 "other buffer" that inductor's flex lowering cannot realize (unbacked
+    # _local_scalar_dense, measured on torch 2.11 CUDA and 2.13 CPU): there the cap is a 0-d tensor
+    # on q's device. Traced inside a graphtune graph the float is a constant and stays one.
+    cap = torch.full((), float(softcap), dtype=torch.float32, device=q.device) if compiled else softcap
+
     def softcapped(score, b, h, q_idx, kv_idx):
-        return torch.tanh(score / softcap) * softcap
+        return torch.tanh(score / cap) * cap
 
     score_mod = softcapped if softcap > 0 else None
-    fn = _compiled_flex() if (not _tracing() and q.device.type == "cuda") else _flex
+    fn = _compiled_flex() if compiled else _flex
     out = fn(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
     return out.transpose(1, 2)
+
+
+def _compile_eager_flex(q: torch.Tensor) -> bool:
+    """Eager calls on CUDA go through a compiled FlexAttention (fused kernels, forward and backward);
+    elsewhere its unfused math is used."""
+    return q.device.type == "cuda"
 
 
 def _tracing() -> bool:

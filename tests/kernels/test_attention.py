@@ -260,6 +260,22 @@ def test_flex_lowering_semantics(name, causal, window, softcap, docs, mask):
     assert rel_err(got, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("name,causal,window,softcap,docs,mask", [f for f in FEATURES if f[3] > 0.0],
+                         ids=[f[0] for f in FEATURES if f[3] > 0.0])
+def test_flex_compiled_wrapper_with_softcap(name, causal, window, softcap, docs, mask, monkeypatch):
+    """The eager path CUDA takes (``torch.compile(flex_attention)``), here on the CPU (inductor's CPU
+    flex template, forward): the softcap score_mod compiles and gives the reference. A Python float
+    closed over by the score_mod failed to lower (unbacked ``_local_scalar_dense``), which broke
+    every softcap case of ``test_gpu_implementation_matches_reference[flex-*]`` on torch 2.11."""
+    q, k, v, seq_ids, kv_mask = _inputs(dtype=torch.float32, docs=docs, mask=mask)
+    monkeypatch.setattr(ka, "_compile_eager_flex", lambda q: True)
+    bm = ka.flex_block_mask(seq_ids, kv_mask, causal, window, 2, 13, 13, q.device)
+    got = ka.flex_attention(q.detach(), k.detach(), v.detach(), bm, 0.3, softcap)
+    ref = ka.reference_attention(q, k, v, scale=0.3, causal=causal, window=window, softcap=softcap, seq_ids=seq_ids,
+                                 kv_mask=kv_mask)
+    assert rel_err(got, ref) <= 1e-5
+
+
 GPU_CASES = list(itertools.product(
     ["sdpa", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "sdpa_masked", "flash", "flex"],
     [torch.bfloat16, torch.float32],
