@@ -47,6 +47,25 @@ def _contents(path: Path) -> tuple[dict, dict, int]:
     return tensors, kvs, r.data_offset
 
 
+def _need_insert_range(folder: Path) -> None:
+    """The speculative layout needs FALLOC_FL_INSERT_RANGE where the output goes (ext4, xfs)."""
+    import errno
+    import os
+
+    probe = folder / "insert-range-probe"
+    fd = os.open(probe, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        os.ftruncate(fd, 2 * os.fstat(fd).st_blksize)
+        fileio.insert_range(fd, 0, os.fstat(fd).st_blksize)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        pytest.skip(f"this filesystem cannot insert ranges ({e}); the fallback is tested separately")
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
 
@@ -56,6 +75,7 @@ def test_speculative_file_holds_the_usual_tensors(family, tmp_path, bpe_tokenize
     """Q8_0 from a bf16 checkpoint: every matrix is speculated; the file has the usual tensors
     (names, types, bytes) and metadata, its data section starts on a filesystem block, and llama's
     permuted q/k rows come from the speculated bytes reordered."""
+    _need_insert_range(tmp_path)
     ckpt = _checkpoint(tmp_path, family, bpe_tokenizer)
     out = tmp_path / "out"
     usual = _export(ckpt, out / "usual.gguf", "Q8_0", monkeypatch, capsys, speculate=False)
@@ -77,6 +97,7 @@ def test_speculative_file_holds_the_usual_tensors(family, tmp_path, bpe_tokenize
 def test_llama_cpp_runs_the_speculative_file(tmp_path, bpe_tokenizer, monkeypatch, capsys):
     """llama.cpp loads the speculative layout (tensors in slot order, the padding key) and computes
     the same logits as from the usual file."""
+    _need_insert_range(tmp_path)
     ckpt = _checkpoint(tmp_path, "llama", bpe_tokenizer)
     _export(ckpt, tmp_path / "usual.gguf", "Q8_0", monkeypatch, capsys, speculate=False)
     _export(ckpt, tmp_path / "spec.gguf", "Q8_0", monkeypatch, capsys, speculate=True)
