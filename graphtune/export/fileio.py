@@ -35,8 +35,12 @@ def insert_range(fd: int, offset: int, length: int) -> None:
         raise OSError(err, f"fallocate(FALLOC_FL_INSERT_RANGE): {os.strerror(err)}")
 
 
-def tmp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+def create_tmp(path: Path) -> tuple[Path, int]:
+    """A new temporary file next to ``path`` (its folder created), to be renamed over it when
+    complete, and its read-write descriptor."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    return tmp, os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
 
 
 def pwrite(fd: int, data, offset: int) -> None:

@@ -574,7 +574,6 @@ class _Speculation:
     temporary file, matched to the plan -- or the reason they cannot be used."""
 
     def __init__(self, pre: Any, planned: Sequence[PlannedTensor]):
-        self.pre = pre
         self.reason: str | None = None
         self.order: list[int] = []
         self.slot_of: dict[int, Any] = {}
@@ -659,8 +658,7 @@ def write_gguf(path: Path, arch: str, set_kv: Callable[[gguf.GGUFWriter], None],
             order = list(range(len(planned)))
             header, _ = _header_bytes(arch, set_kv, planned)
             data_start = gguf.GGUFWriter.ggml_pad(len(header), align)
-            tmp = fileio.tmp_path_for(path)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+            tmp, fd = fileio.create_tmp(path)
         offsets: dict[int, int] = {}
         pos = data_start
         for i in order:

@@ -203,13 +203,6 @@ class SafetensorsSource:
         key = self._key(fqn)
         return self._where[key].get_tensor(key).float()
 
-    def prequantized(self, fqn: str, qtype: int):
-        """The checkpoint tensor ``fqn`` already quantized to ``qtype`` (``[rows, bytes per row]``,
-        uint8) by the prequantizer, or None. The first call ends the speculation."""
-        if self.prequantizer is None:
-            return None
-        return self.prequantizer.take(self._key(fqn), int(qtype))
-
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     get = getattr(model, "get_base_model", None)

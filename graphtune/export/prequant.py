@@ -32,15 +32,16 @@ from pathlib import Path
 
 import numpy as np
 
-from graphtune.export import fileio
+import gguf
+from graphtune.export import _cquants, fileio
 
 logger = logging.getLogger("graphtune.export")
 
-# safetensors dtype -> the C quantizers' source type (graphtune.export._cquants.SRC_*)
-_SRC_TYPES = {"F32": 0, "F16": 1, "BF16": 2}
+# safetensors dtype -> the C quantizers' source type, and its element size
+_SRC_TYPES = {"F32": _cquants.SRC_F32, "F16": _cquants.SRC_F16, "BF16": _cquants.SRC_BF16}
 _ELEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 # ggml block types the C quantizers implement: id -> (elements per block, bytes per block)
-_BLOCKS = {8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+_BLOCKS = {t: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(t)] for t in _cquants.C_TYPES}
 _CHUNK_BLOCKS = 1 << 20  # per C call (32 M elements of Q8_0); the stop flag is read between calls
 
 
@@ -120,7 +121,6 @@ class Prequantizer:
         block, size = _BLOCKS[self.qtype]
         self.max_bytes = _default_budget() if max_bytes is None else int(max_bytes)
         entries = [e for f in sorted(Path(directory).glob("*.safetensors")) for e in read_safetensors_header(f)]
-        self.n_checkpoint_tensors = len(entries)
         self._todo = sorted(
             (e for e in entries
              if e.dtype in _SRC_TYPES and len(e.shape) == 2 and e.shape[0] > 0 and e.shape[1] % block == 0
@@ -165,10 +165,7 @@ class Prequantizer:
         (``fileio.insert_range``), which moves the slots without copying them."""
         if self._stop.is_set() or self.tmp is not None or not self.slots:
             return
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = fileio.tmp_path_for(out)
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        tmp, fd = fileio.create_tmp(Path(out))
         try:
             os.ftruncate(fd, self.slots_nbytes)
             self._file = fileio.TensorFile(tmp, fd)
@@ -244,8 +241,6 @@ class Prequantizer:
     def _quantize_all(self) -> None:
         _yield_cpu()
         try:
-            from graphtune.export import _cquants
-
             lib = _cquants.library()
             if lib is None:
                 self.error = f"C quantizers unavailable: {_cquants.unavailable_reason()}"
@@ -300,8 +295,6 @@ class Prequantizer:
             logger.info("export pre-writing stopped: %s", self.error)
 
     def _quantize(self, lib, mm: mmap.mmap, e: _Entry, slot: Slot) -> np.ndarray | None:
-        from graphtune.export import _cquants
-
         block, size = _BLOCKS[self.qtype]
         rows, cols = e.shape
         n_blocks = rows * cols // block
