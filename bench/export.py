@@ -51,7 +51,7 @@ def ensure_sdist() -> Path:
     SDIST_DIR.mkdir(parents=True, exist_ok=True)
     tgz = SDIST_DIR / f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
     if not tgz.exists():
-        subprocess.run([PY, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        subprocess.run([PY, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                         f"llama-cpp-python=={SDIST_VERSION}", "-d", str(SDIST_DIR)], check=False)
     with tarfile.open(tgz) as tf:
         tf.extractall(SDIST_DIR, filter="data")

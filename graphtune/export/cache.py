@@ -28,9 +28,10 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from graphtune.export.roles import GraphRoles, LayerStructure, ParamRole
+if TYPE_CHECKING:
+    from graphtune.export.roles import GraphRoles
 
 FORMAT = 2
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx")
@@ -162,6 +163,8 @@ def roles_to_json(roles: GraphRoles) -> dict:
 
 
 def roles_from_json(d: dict) -> GraphRoles:
+    from graphtune.export.roles import GraphRoles, LayerStructure, ParamRole  # torch: not for the CLI's first look
+
     params = [ParamRole(**_restore(p)) for p in d["params"]]
     return GraphRoles(
         params={p.fqn: p for p in params}, layers=[LayerStructure(**_restore(ls)) for ls in d["layers"]],

@@ -448,3 +448,34 @@ def test_export_after_training_with_graphtune_optimize(spm_tokenizer, tmp_path):
     assert {t.name for t in ra.tensors} == {t.name for t in rb.tensors}
     for ta, tb in zip(sorted(ra.tensors, key=lambda t: t.name), sorted(rb.tensors, key=lambda t: t.name)):
         assert np.array_equal(np.asarray(ta.data), np.asarray(tb.data)), ta.name
+
+
+def test_header_packing_is_gguf_pys(tmp_path):
+    """graphtune packs the metadata arrays at once; the bytes must be gguf-py's item-by-item ones
+    (strings with non-ASCII, floats, ints, bools, bytes items and merges)."""
+    import io
+
+    from graphtune.export.gguf import kv_bytes
+
+    w = gguf.GGUFWriter(None, "llama")
+    w.add_name("m")
+    w.add_uint32("llama.block_count", 7)
+    w.add_float32("llama.rope.freq_base", 0.1)
+    w.add_bool("tokenizer.ggml.add_bos_token", True)
+    w.add_token_list(["a", "é", "<s>", "▁x"] * 500)
+    w.add_token_scores([0.1, -3.0, 1e-30, -1e30] * 500)
+    w.add_token_types([1, 2, 3, 6] * 500)
+    w.add_token_merges(["a b", "c d"])
+    w.add_array("test.bools", [True, False, True])
+    w.add_array("test.bytes", [b"ab", b"c"])
+    w.add_array("test.ints", [1, -2, 2**31 - 1])
+    buf = io.BytesIO()
+    w.fout, w.state = [buf], gguf.gguf_writer.WriterState.EMPTY
+    w.write_header_to_file()
+    start = buf.tell()
+    w.write_kv_data_to_file()
+    assert kv_bytes(w) == buf.getvalue()[start:]
+    w2 = gguf.GGUFWriter(None, "llama")
+    w2.add_array("test.too_big", [2**31])
+    with pytest.raises(Exception):
+        kv_bytes(w2)

@@ -5,7 +5,7 @@ Achieved bandwidth = the minimum bytes each op must move (forward + backward) / 
 reported against the device-to-device copy bandwidth measured in the same run (target: >= 80%).
 The norm weight is frozen (the LoRA setting: no dW); ``--norm-weight-grad`` measures dW too.
 
-    python bench/kernels.py [--tokens 8192] [--csv out.csv]
+    python bench/kernel_speed.py [--tokens 8192] [--csv out.csv]
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def main() -> int:
     ap.add_argument("--csv", type=Path)
     args = ap.parse_args()
     if not torch.cuda.is_available():
-        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        print("bench/kernel_speed.py needs a CUDA GPU", file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth_gbs()
