@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
+# the golden graphs (tests/golden) are made with one transformers: CI installs that one, so they run
+# instead of skipping whenever a newer release appears (the library's own range stays wide)
+TRANSFORMERS_VERSION ?= 5.25.0
 STAMP := $(VENV)/.graphtune-installed
 
 .PHONY: demo test test-kernels test-rest golden venv clean
@@ -14,7 +17,7 @@ $(PY):
 
 $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "transformers==$(TRANSFORMERS_VERSION)"
 	$(PIP) install -q -e ".[dev,data,gguf,quant]"
 	touch $(STAMP)
 

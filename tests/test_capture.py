@@ -50,3 +50,21 @@ def test_bf16_model_within_bf16_tolerance():
         if b.requires_grad:
             scale = b.grad.float().abs().max()
             assert (a.grad.float() - b.grad.float()).abs().max() <= 5e-2 * scale + 1e-3, n
+
+
+def test_module_stack_skips_modules_reached_through_globals():
+    """transformers 5.25 wraps apply_rotary_pos_emb in a hub-kernel module that dynamo records
+    under a global: it is not a submodule of the model and must not hide the attention layer."""
+    import torch.fx as fx
+
+    from graphtune.passes.base import module_path, module_stack
+
+    g = fx.Graph()
+    n = g.placeholder("x")
+    n.meta["nn_module_stack"] = {
+        "a": ("L['self'].model.layers[0]", "transformers.models.llama.modeling_llama.LlamaDecoderLayer"),
+        "b": ("L['self'].model.layers[0].self_attn", "transformers.models.llama.modeling_llama.LlamaAttention"),
+        "c": ("G['__import_transformers_dot_models_dot_llama_dot_modeling_llama'].apply_rotary_pos_emb", "kernels.Fn"),
+    }
+    assert module_stack(n) == [("model.layers.0", "LlamaDecoderLayer"), ("model.layers.0.self_attn", "LlamaAttention")]
+    assert module_path(n) == "model.layers.0.self_attn"

@@ -69,12 +69,20 @@ def _clean_path(path: str) -> str:
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:
-    """The node's module nesting as ``[(clean path, class name), ...]``, outermost first."""
+    """The node's module nesting as ``[(clean path, class name), ...]``, outermost first.
+
+    Only the model's own submodules: a module reached through a global (transformers 5.25 wraps
+    functions such as ``apply_rotary_pos_emb`` in hub-kernel modules, which dynamo records as
+    ``G['__import_transformers_...'].apply_rotary_pos_emb``) is not part of the model's tree and
+    would otherwise hide the attention layer the node belongs to."""
     stack = node.meta.get("nn_module_stack") or {}
     out = []
     for path, cls in stack.values():
+        clean = _clean_path(path)
+        if clean.startswith("G["):
+            continue
         name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-        out.append((_clean_path(path), name.rsplit(".", 1)[-1]))
+        out.append((clean, name.rsplit(".", 1)[-1]))
     return out
 
 
