@@ -108,13 +108,13 @@ def lora_config():
     return LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
 
 
-def load_hf(cfg: str, d: str):
+def load_hf(cfg: str, d: str, device_map: dict | str | None = None):
     """HF (+Liger, +bnb) + peft; the peers get HF gradient checkpointing, graphtune does not."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0})
+    kw = dict(dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0} if device_map is None else device_map)
     if cfg == "B":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 

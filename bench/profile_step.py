@@ -19,7 +19,7 @@ optimizer state, what the forward leaves saved for the backward, the forward and
     python bench/profile_step.py A /tmp/x 1x64 --cpu-smoke      # tiny random Llama on the CPU: checks the logic
 
 ``--cpu-smoke`` writes a 2-layer random Llama to the given directory, loads it on the CPU (the same
-``load_hf`` path with its ``device_map`` dropped) and profiles CPU activity instead; its numbers mean
+``load_hf`` path with ``device_map="cpu"``) and profiles CPU activity instead; its numbers mean
 nothing, it only exercises the code paths. ``--json FILE`` also writes the summary as JSON.
 """
 
@@ -178,15 +178,6 @@ def main() -> None:
     cuda = not a.cpu_smoke
     if a.cpu_smoke:
         make_tiny(a.model_dir)
-        import transformers
-
-        orig = transformers.AutoModelForCausalLM.from_pretrained.__func__
-
-        def cpu_from_pretrained(cls, *args, **kw):
-            kw.pop("device_map", None)
-            return orig(cls, *args, **kw)
-
-        transformers.AutoModelForCausalLM.from_pretrained = classmethod(cpu_from_pretrained)
     dev = "cuda" if cuda else "cpu"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
@@ -194,7 +185,7 @@ def main() -> None:
     if a.cfg in peers.UNSLOTH:
         model, step, info = peers.load_unsloth(a.cfg, a.model_dir, t)
     else:
-        model, step, info = peers.load_hf(a.cfg, a.model_dir)
+        model, step, info = peers.load_hf(a.cfg, a.model_dir, device_map="cpu" if a.cpu_smoke else None)
     print(f"loaded {a.cfg} in {time.time() - t0:.1f}s: {info}", flush=True)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
