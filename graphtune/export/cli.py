@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:  # pragma: no cover - depends on the gguf extra
         print(f"graphtune export needs the 'gguf' extra: pip install 'graphtune[gguf]' ({e})", file=sys.stderr)
         return 2
-    from graphtune.export.families import ExportError
+    from graphtune.errors import GraphtuneError  # not graphtune.export.families: that imports torch
 
     try:
         recipes.file_type(args.quant)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         pre = prequant.start_for(args.model, args.quant, args.out)
     try:
         return _run(args, layers, pre)
-    except (ExportError, FileNotFoundError, OSError, ValueError) as e:
+    except (GraphtuneError, FileNotFoundError, OSError, ValueError) as e:  # ExportError is a GraphtuneError
         print(f"graphtune export: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     finally:
