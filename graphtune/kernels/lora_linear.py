@@ -25,12 +25,22 @@ path gets ``dY`` cast to W's dtype (``dx = dY.half() W``), the adapter path stay
 ``out_dtype`` (set by fuse_lora's autocast rewrite) folds peft's final ``.to(half)`` into the op: the
 fp32 sum never leaves it, and dY arrives in half precision -- which is exactly the gradient eager's
 cast hands the fp32 sum, so the backward is unchanged.
+
+With ``GRAPHTUNE_LORA_SPLIT=auto`` (CUDA) or ``=1`` (any device; off by default until it is timed on
+a GPU) the bf16 case of that (x, W and the output bf16, A and B fp32, no dropout so ``x_lora`` is
+``x``) runs its adapter products as split-bf16 GEMMs (:mod:`graphtune.kernels.split_bf16`): tensor
+cores instead of fp32 CUDA-core GEMMs, within ~1e-5 relative of the fp32 products, no fp32 copy of x.
+The forward's sum is one ``addmm`` into the bf16 base output (``base + s * [h_hi|h_hi|h_lo] [B_hi|B_lo|B_hi]^T``,
+rounded once), the backward returns the same five gradients in the same dtypes as the fp32 path.
+Unset or ``GRAPHTUNE_LORA_SPLIT=0`` keeps the fp32 path.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from graphtune.kernels.split_bf16 import fold_halves, mm_f32, split_blocks, split_enabled
 
 __all__ = ["lora_linear", "reference_lora_linear"]
 
@@ -54,6 +64,38 @@ def _check(x, x_lora, weight, lora_a, lora_b):
         )
 
 
+def split_path_applies(x, x_lora, weight, lora_a, lora_b, out_dtype) -> bool:
+    """peft's bf16 mixed precision without dropout, where :mod:`split_bf16` serves the adapter products."""
+    bf16, f32 = torch.bfloat16, torch.float32
+    return (out_dtype == bf16 and x.dtype == bf16 and x_lora.dtype == bf16 and weight.dtype == bf16
+            and lora_a.dtype == f32 and lora_b.dtype == f32 and split_enabled(x.device))
+
+
+def _split_forward(x, weight, bias, lora_a, lora_b, scaling: float) -> torch.Tensor:
+    """``bf16(base + s * (x A^T) B^T)`` with the adapter products on bf16 tensor cores (split fp32)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    base = F.linear(x2, weight, bias)
+    h2 = mm_f32(x2, split_blocks(lora_a.t(), "HL"))  # [M, 2r]: x A_hi^T | x A_lo^T
+    out = torch.addmm(base, split_blocks(h2, "HHL", n_sum=2), split_blocks(lora_b, "HLH").t(), alpha=scaling)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _split_backward(dy, x_lora, weight, lora_a, lora_b, scaling: float, need_bias_grad: bool):
+    """:func:`_lora_linear_backward_op`'s five results for the split path (x_lora is x, bf16)."""
+    r = lora_a.shape[0]
+    dy2 = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
+    x2 = x_lora.reshape(-1, x_lora.shape[-1])
+    a3 = split_blocks(lora_a.t(), "HLH")  # [K, 3r]: A_hi^T | A_lo^T | A_hi^T
+    h_split = split_blocks(mm_f32(x2, a3[:, : 2 * r]), "HL", n_sum=2)  # h = x A^T recomputed: [h_hi | h_lo]
+    dh_split = split_blocks(mm_f32(dy2, split_blocks(lora_b, "HL")), "HHL", n_sum=2, scale=scaling)  # dh = s dy B
+    d_b = fold_halves(mm_f32(dy2.t(), h_split), dim=1, scale=scaling)  # s dy^T h
+    d_a = fold_halves(mm_f32(dh_split[:, r:].t(), x2), dim=0)  # dh^T x
+    dx = (dy2 @ weight).reshape(x_lora.shape)
+    dx_lora = (dh_split @ a3.t()).reshape(x_lora.shape)  # dh A, rounded to bf16 once (eager: x.to(fp32)'s backward)
+    db = dy2.sum(0) if need_bias_grad else dy2.new_empty(0)
+    return dx, dx_lora, d_a, d_b, db
+
+
 @torch.library.custom_op("graphtune::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: torch.Tensor,
@@ -68,6 +110,8 @@ def _lora_linear_op(
     _check(x, x_lora, weight, lora_a, lora_b)
     if out_dtype is None:
         return reference_lora_linear(x, x_lora, weight, bias, lora_a, lora_b, scaling).contiguous()
+    if split_path_applies(x, x_lora, weight, lora_a, lora_b, out_dtype):
+        return _split_forward(x, weight, bias, lora_a, lora_b, scaling)
     # peft's mixed precision ends in ``.to(out_dtype)``: the sum is formed in the promoted dtype by one
     # addmm (base + s * h B^T) and cast once, so no promoted [N, out] tensor leaves the op
     base = F.linear(x, weight, bias)
@@ -95,6 +139,8 @@ def _lora_linear_backward_op(
     need_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dx_lora, dA, dB, db-or-empty); h = x_lora A^T is recomputed here."""
+    if dy.dtype == torch.bfloat16 and split_path_applies(x_lora, x_lora, weight, lora_a, lora_b, dy.dtype):
+        return _split_backward(dy, x_lora, weight, lora_a, lora_b, scaling, need_bias_grad)
     dy2 = dy.reshape(-1, dy.shape[-1])
     xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(lora_a.dtype)
     h = xl2 @ lora_a.t()

@@ -40,8 +40,10 @@ def default_passes(device: str | None = None) -> list[Pass]:
     """The standard pipeline, each pass carrying the pattern variants families contribute.
 
     On ``device="cuda"``, ``fuse_lora`` and ``fuse_qlora`` leave peft's mixed-precision projections
-    (fp32 adapters on a half base, peft's default) to inductor, which was measured faster there with
-    and without a memory budget; the refusal names the reason in the report. Elsewhere they are fused.
+    (fp32 adapters on a half base, peft's default) to inductor, which was measured faster than the fp32
+    CUDA-core GEMMs the op would run; the refusal names the reason in the report. The exception is
+    ``fuse_lora`` where the op's split-bf16 path serves the site (bf16 base, no dropout,
+    ``GRAPHTUNE_LORA_SPLIT=auto`` or ``1``; off by default until timed on a GPU). Elsewhere they are fused.
     """
     from graphtune.patterns import family_rewrites
 

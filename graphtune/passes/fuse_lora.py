@@ -96,7 +96,8 @@ def can_fuse_lora(match: Match, ctx: GraphContext) -> str | None:
 
 
 MIXED_PRECISION_LEFT_TO_COMPILER = (
-    "peft's mixed-precision projection (half base, fp32 adapters) is left to the compiler on CUDA: inductor "
+    "peft's mixed-precision projection (half base, fp32 adapters) is left to the compiler on CUDA (with "
+    "GRAPHTUNE_LORA_SPLIT=auto the bf16 case without dropout is fused: split-bf16 tensor-core products): inductor "
     "fuses its casts and adds into neighbouring kernels, measured faster than the op (H200, Llama-3.2-1B LoRA "
     "2x2048: 39.5k vs 32.7-35.4k tok/s; with memory_budget='checkpoint' 29.0k at 3.31 GiB vs 22.4-24.8k at "
     "3.45-3.60 GiB); pass FuseLoRA(fuse_mixed_precision=True) to fuse it anyway"
@@ -109,9 +110,25 @@ def is_mixed_precision(match: Match, ctx: GraphContext) -> bool:
     return weight is not None and lora_a is not None and weight.dtype != lora_a.dtype
 
 
+def split_path_serves(match: Match, ctx: GraphContext) -> bool:
+    """True where ``graphtune::lora_linear`` computes the adapter products as split-bf16 GEMMs
+    (:mod:`graphtune.kernels.split_bf16`): peft's autocast rewrite (no dropout) on a bf16 base with
+    fp32 adapters and a bf16 output cast, on a device where the split path is on."""
+    from graphtune.kernels.lora_linear import split_path_applies
+
+    if match.rewrite.name != LORA_AUTOCAST.name or match.inputs.get("dtype") is not torch.bfloat16:
+        return False
+    x, weight = ctx.example(match.inputs["x"]), ctx.example(match.inputs["weight"])
+    lora_a, lora_b = ctx.example(match.inputs["lora_a"]), ctx.example(match.inputs["lora_b"])
+    if any(t is None for t in (x, weight, lora_a, lora_b)):
+        return False
+    return split_path_applies(x, x, weight, lora_a, lora_b, torch.bfloat16)
+
+
 class FuseLoRA(Pass):
     """``fuse_mixed_precision=False`` refuses peft's fp32-adapter-on-half-base case (see
-    :data:`MIXED_PRECISION_LEFT_TO_COMPILER`); ``default_passes`` sets it for CUDA."""
+    :data:`MIXED_PRECISION_LEFT_TO_COMPILER`) except where the op's split-bf16 path serves it
+    (:func:`split_path_serves`); ``default_passes`` sets it for CUDA."""
 
     name = "fuse_lora"
     rewrites = (LORA, LORA_AUTOCAST, LORA_DROPOUT)
@@ -124,7 +141,7 @@ class FuseLoRA(Pass):
     def guard(self, match: Match, ctx: GraphContext) -> str | None:
         if reason := can_fuse_lora(match, ctx):
             return reason
-        if not self.fuse_mixed_precision and is_mixed_precision(match, ctx):
+        if not self.fuse_mixed_precision and is_mixed_precision(match, ctx) and not split_path_serves(match, ctx):
             return MIXED_PRECISION_LEFT_TO_COMPILER
         return None
 

@@ -178,3 +178,38 @@ def test_cuda_default_leaves_mixed_precision_to_the_compiler():
     assert {r.reason for r in result.refused} == {MIXED_PRECISION_LEFT_TO_COMPILER}
     full = tiny_model("llama", lora=True)
     assert graphtune.explain(full, passes=[FuseLoRA(fuse_mixed_precision=False)], **tiny_batch()).counts["fuse_lora"] == 14
+
+
+def test_cuda_default_fuses_bf16_mixed_precision_where_the_split_path_serves(monkeypatch):
+    """Where the op's split-bf16 path applies (bf16 base, fp32 adapters, no dropout; ``GRAPHTUNE_LORA_SPLIT=1``
+    stands in for a CUDA device here), the CUDA default fuses every projection, and a training step gives
+    eager's loss and LoRA grads; an fp16 base is still left to the compiler, with the reason."""
+    from graphtune.passes.fuse_lora import MIXED_PRECISION_LEFT_TO_COMPILER, FuseLoRA
+
+    monkeypatch.setenv("GRAPHTUNE_LORA_SPLIT", "1")
+    half = tiny_model("llama", lora=True, dtype=torch.bfloat16)
+    report = graphtune.explain(half, passes=[FuseLoRA(fuse_mixed_precision=False)], **tiny_batch())
+    result = next(p for p in report.passes if p.name == "fuse_lora")
+    assert result.count == 14 and result.by_rewrite == {"peft_linear_autocast": 14}
+    fp16 = tiny_model("llama", lora=True, dtype=torch.float16)
+    report = graphtune.explain(fp16, passes=[FuseLoRA(fuse_mixed_precision=False)], **tiny_batch())
+    result = next(p for p in report.passes if p.name == "fuse_lora")
+    assert result.count == 0 and {r.reason for r in result.refused} == {MIXED_PRECISION_LEFT_TO_COMPILER}
+
+    ref = tiny_model("llama", lora=True, dtype=torch.bfloat16)
+    opt = tiny_model("llama", lora=True, dtype=torch.bfloat16)
+    for m in (ref, opt):
+        randomize_lora_b(m, 0)  # B = 0 would make dA zero and the comparison empty
+        m.train()
+    opt.load_state_dict(ref.state_dict())
+    graphtune.optimize(opt, passes=[FuseLoRA(fuse_mixed_precision=False)], compiler="aot_eager")
+    batch = tiny_batch(2, 9)
+    loss_ref = ref(**batch).loss
+    loss_ref.backward()
+    loss = opt(**batch).loss
+    loss.backward()
+    assert graphtune.last_report(opt).counts["fuse_lora"] == 14
+    assert rel_err(loss, loss_ref) <= 1e-2
+    for (name, p_ref), (_, p) in zip(ref.named_parameters(), opt.named_parameters()):
+        if p_ref.requires_grad:
+            assert rel_err(p.grad, p_ref.grad) <= 2e-2, name
