@@ -174,9 +174,7 @@ class _LazyModelSpec(dict):
         return dict.__contains__(self, key)
 
     def get(self, key, default=None):
-        if key not in self.keys():
-            self._load()
-        return dict.get(self, key, default)
+        return self[key] if key in self else default
 
 
 def _tokenizer_spec(backend) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def _lora_linear_backward_op(
     need_bias_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dx_lora, dA, dB, db-or-empty); h = x_lora A^T is recomputed here."""
-    if dy.dtype == torch.bfloat16 and split_path_applies(x_lora, x_lora, weight, lora_a, lora_b, dy.dtype):
+    if split_path_applies(x_lora, x_lora, weight, lora_a, lora_b, dy.dtype):  # dy is bf16 there
         return _split_backward(dy, x_lora, weight, lora_a, lora_b, scaling, need_bias_grad)
     dy2 = dy.reshape(-1, dy.shape[-1])
     xl2 = x_lora.reshape(-1, x_lora.shape[-1]).to(lora_a.dtype)
