@@ -43,7 +43,7 @@ def default_passes(device: str | None = None) -> list[Pass]:
     (fp32 adapters on a half base, peft's default) to inductor, which was measured faster than the fp32
     CUDA-core GEMMs the op would run; the refusal names the reason in the report. The exception is
     ``fuse_lora`` where the op's split-bf16 path serves the site (bf16 base, no dropout,
-    ``GRAPHTUNE_LORA_SPLIT=auto`` or ``1``; off by default until timed on a GPU). Elsewhere they are fused.
+    ``GRAPHTUNE_LORA_SPLIT=auto`` or ``1``; off by default: measured slower on an H100). Elsewhere they are fused.
     """
     from graphtune.patterns import family_rewrites
 

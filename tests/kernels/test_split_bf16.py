@@ -72,12 +72,13 @@ def test_split_enabled_modes(monkeypatch):
 def _lora_case(bias: bool, shape=(3, 13, 72), n_out=50, r=5):
     g = torch.Generator().manual_seed(1)
     k = shape[-1]
-    x = torch.randn(*shape, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(n_out, k, generator=g) / k**0.5).bfloat16()
-    b = torch.randn(n_out, generator=g).bfloat16() if bias else None
-    a = (torch.randn(r, k, generator=g) / k**0.5).requires_grad_()
-    bb = (torch.randn(n_out, r, generator=g) * 0.1).requires_grad_()
-    dy = torch.randn(*shape[:-1], n_out, generator=g).bfloat16()
+    cpu = torch.device("cpu")  # the generator is a CPU one; GRAPHTUNE_TEST_DEVICE=cuda moves the tensors below
+    x = torch.randn(*shape, generator=g, device=cpu).bfloat16().requires_grad_()
+    w = (torch.randn(n_out, k, generator=g, device=cpu) / k**0.5).bfloat16()
+    b = torch.randn(n_out, generator=g, device=cpu).bfloat16() if bias else None
+    a = (torch.randn(r, k, generator=g, device=cpu) / k**0.5).requires_grad_()
+    bb = (torch.randn(n_out, r, generator=g, device=cpu) * 0.1).requires_grad_()
+    dy = torch.randn(*shape[:-1], n_out, generator=g, device=cpu).bfloat16()
     dev = torch.get_default_device()
     return [t if t is None else t.detach().to(dev).requires_grad_(t.requires_grad) for t in (x, w, b, a, bb, dy)]
 
