@@ -65,9 +65,16 @@ def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """A base weight as float32 CPU: bitsandbytes 4-bit (``Params4bit``) / 8-bit (``Int8Params``) aware."""
     cls = type(weight).__name__
     if cls == "Params4bit" or getattr(weight, "quant_state", None) is not None:
-        import bitsandbytes.functional as bnbf
+        # graphtune's own dequantization (equal to bitsandbytes' value for value, tests/kernels), not
+        # bitsandbytes.functional.dequantize_4bit: bitsandbytes 0.50.2's CPU kernel gives wrong values on
+        # AVX-512 hosts where a block spans rows (blocksize > in_features)
+        from graphtune.kernels.dequant_4bit import dequantize_4bit
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu()
+        qs = weight.quant_state
+        nested = dict(absmax2=qs.state2.absmax, code2=qs.state2.code, offset=qs.offset,
+                      blocksize2=qs.state2.blocksize) if qs.nested else {}
+        dense = dequantize_4bit(weight.data, qs.absmax, tuple(qs.shape), qs.blocksize, qs.quant_type, qs.dtype, **nested)
+        return dense.float().cpu()
     if cls == "Int8Params" and getattr(weight, "SCB", None) is not None:
         return (weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0).cpu()
     return weight.detach().float().cpu()

@@ -479,3 +479,27 @@ def test_header_packing_is_gguf_pys(tmp_path):
     w2.add_array("test.too_big", [2**31])
     with pytest.raises(Exception):
         kv_bytes(w2)
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_dequantize_weight_4bit_blocks_spanning_rows(quant_type, double_quant):
+    """The QLoRA merge dequantizes with graphtune's kernel: equal to bitsandbytes' definition (the flat
+    call) also where a block spans rows (blocksize 128 > 64 columns), where bitsandbytes 0.50.2's own
+    CPU 2-D call is wrong on AVX-512 hosts; and within NF4/FP4 rounding of the original weights."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import copy
+
+    from graphtune.export.merge import dequantize_weight
+
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) * 0.05
+    param = bnb.nn.Params4bit(w.bfloat16(), requires_grad=False, blocksize=128, compress_statistics=double_quant,
+                              quant_type=quant_type)
+    packed, qs = bnb.functional.quantize_4bit(w.bfloat16(), blocksize=128, compress_statistics=double_quant, quant_type=quant_type)
+    param.data, param.quant_state = packed, qs
+    flat = copy.copy(qs)
+    flat.shape = torch.Size([w.numel()])
+    want = bnb.functional.dequantize_4bit(packed, flat).view(64, 64).float()
+    got = dequantize_weight(param)
+    assert got.dtype == torch.float32 and got.shape == (64, 64)
+    assert torch.equal(got, want)
+    assert (got - w).abs().max() <= 0.2 * w.abs().max()  # NF4/FP4 rounding; the wrong 2-D call is off by 0.32
