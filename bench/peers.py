@@ -22,6 +22,7 @@ GC/QC) decides what to keep.
 
     python bench/peers.py all lora OUTDIR        # A B C F G on 2x2048 and 1x8192, then the table
     python bench/peers.py all qlora OUTDIR       # D E Q
+    python bench/peers.py all verdict OUTDIR     # G, F (2x2048), C, GC: the 1B ratios in one device call
     python bench/peers.py one G /tmp/bench_llama_1b 2x2048,1x8192
     python bench/peers.py table LOG [LOG ...]   # one table from the RESULT lines of several ``one`` runs
                                                 # (configs spread over several GPUs of one host)
@@ -57,6 +58,10 @@ GROUPS = {  # config, model size, shapes, timeout (s)
     "lora": [("G", "1b", "2x2048,1x8192", 240), ("GC", "1b", "2x2048,1x8192", 200), ("A", "1b", "2x2048,1x8192", 120), ("B", "1b", "2x2048,1x8192", 120),
              ("C", "1b", "2x2048,1x8192", 200), ("F", "1b", "2x2048,1x8192", 240)],
     "qlora": [("Q", "8b", "2x2048,1x8192", 300), ("QC", "8b", "2x2048,1x8192", 240), ("D", "8b", "2x2048,1x8192", 240), ("E", "8b", "2x2048,1x8192", 300)],
+    # the configs that decide the 1B ratios, in the order that settles them first within one device call
+    # (~10 min on an H100): graphtune, the fastest 2x2048 peer, the fastest/leanest peer, then GC
+    "verdict": [("G", "1b", "2x2048,1x8192", 240), ("F", "1b", "2x2048", 170), ("C", "1b", "2x2048,1x8192", 200),
+                ("GC", "1b", "2x2048,1x8192", 200)],
     "graphtune": [("G", "1b", "2x2048,1x8192", 240), ("GC", "1b", "2x2048,1x8192", 200),
                   ("Q", "8b", "2x2048,1x8192", 300), ("QC", "8b", "2x2048,1x8192", 240)],
 }
