@@ -750,7 +750,12 @@ class MemoryPolicy:
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(gm, list(example_inputs), config_patches={"custom_partitioner_fn": _inductor_partitioner(self)})
+            # the plan depends on the budget and is recorded on this policy (the report's memory section):
+            # a cached graph would skip both, so inductor's FX graph cache is off for this compile, on
+            # purpose and quietly (with it on, inductor tries to pickle the partitioner for the key and
+            # logs a "Failed to pickle cache key" warning per graph before bypassing the cache anyway)
+            patches = {"custom_partitioner_fn": _inductor_partitioner(self), "fx_graph_cache": False}
+            return compile_fx(gm, list(example_inputs), config_patches=patches)
         if compiler == "aot_eager":
             from torch._dynamo.backends.common import aot_autograd
             from torch._dynamo.backends.debugging import boxed_nop
