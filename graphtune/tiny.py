@@ -24,6 +24,9 @@ _COMMON: dict[str, Any] = dict(
 )
 
 
+_OWN_HEAD_DIM = ("qwen3", "gemma", "gemma2", "gemma3")
+
+
 def tiny_config(family: str, **overrides: Any):
     """A transformers config for ``family`` small enough to run on a CPU in milliseconds."""
     import transformers as tf
@@ -38,22 +41,24 @@ def tiny_config(family: str, **overrides: Any):
         cls = tf.Qwen2Config
     elif family == "qwen3":
         cls = tf.Qwen3Config
-        kw.update(head_dim=16)
     elif family == "gemma":
         cls = tf.GemmaConfig
-        kw.update(head_dim=16, hidden_activation="gelu_pytorch_tanh")
+        kw.update(hidden_activation="gelu_pytorch_tanh")
     elif family == "gemma2":
         cls = tf.Gemma2Config
-        kw.update(head_dim=16, sliding_window=8, hidden_activation="gelu_pytorch_tanh")
+        kw.update(sliding_window=8, hidden_activation="gelu_pytorch_tanh")
     elif family == "gemma3":
         cls = tf.Gemma3TextConfig
-        kw.update(head_dim=16, sliding_window=8, hidden_activation="gelu_pytorch_tanh")
+        kw.update(sliding_window=8, hidden_activation="gelu_pytorch_tanh")
     elif family == "phi3":
         cls = tf.Phi3Config
         kw.update(pad_token_id=0, bos_token_id=1, eos_token_id=2)
     else:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(FAMILIES)}")
     kw.update(overrides)
+    if family in _OWN_HEAD_DIM and "head_dim" not in overrides:
+        # these configs default head_dim to a full-size constant (128 / 256) instead of deriving it
+        kw["head_dim"] = kw["hidden_size"] // kw["num_attention_heads"]
     return cls(**kw)
 
 

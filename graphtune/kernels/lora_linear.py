@@ -28,8 +28,9 @@ cast hands the fp32 sum, so the backward is unchanged.
 
 With ``GRAPHTUNE_LORA_SPLIT=auto`` (CUDA) or ``=1`` (any device; off by default: on an H100 the
 1B LoRA step ran at 0.64x the default pipeline's speed with it, see README) the bf16 case of that
-(x, W and the output bf16, A and B fp32, no dropout so ``x_lora`` is ``x``) runs its adapter products as split-bf16 GEMMs (:mod:`graphtune.kernels.split_bf16`): tensor
-cores instead of fp32 CUDA-core GEMMs, within ~1e-5 relative of the fp32 products, no fp32 copy of x.
+(x, W and the output bf16, A and B fp32, no dropout so ``x_lora`` is ``x``) runs its adapter
+products as split-bf16 GEMMs (:mod:`graphtune.kernels.split_bf16`): tensor cores instead of fp32
+CUDA-core GEMMs, within ~1e-5 relative of the fp32 products, no fp32 copy of x.
 The forward's sum is one ``addmm`` into the bf16 base output (``base + s * [h_hi|h_hi|h_lo] [B_hi|B_lo|B_hi]^T``,
 rounded once), the backward returns the same five gradients in the same dtypes as the fp32 path.
 Unset or ``GRAPHTUNE_LORA_SPLIT=0`` keeps the fp32 path.

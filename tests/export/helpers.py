@@ -29,8 +29,6 @@ def need_llama_cpp():
 def family_overrides(family: str, hidden: int = 256, **extra) -> dict:
     kw = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4, num_key_value_heads=2,
               vocab_size=512, max_position_embeddings=256)
-    if family in ("qwen3", "gemma", "gemma2", "gemma3"):
-        kw["head_dim"] = hidden // 4
     if family in ("gemma", "gemma2"):
         kw["tie_word_embeddings"] = True  # llama.cpp's gemma/gemma2 always use token_embd as output
     if family == "qwen2":

@@ -487,18 +487,13 @@ def test_dequantize_weight_4bit_blocks_spanning_rows(quant_type, double_quant):
     call) also where a block spans rows (blocksize 128 > 64 columns), where bitsandbytes 0.50.2's own
     CPU 2-D call is wrong on AVX-512 hosts; and within NF4/FP4 rounding of the original weights."""
     bnb = pytest.importorskip("bitsandbytes")
-    import copy
-
     from graphtune.export.merge import dequantize_weight
+    from tests.bnb_oracle import bnb_dequantize_flat
 
     w = torch.randn(64, 64, generator=torch.Generator().manual_seed(3)) * 0.05
     param = bnb.nn.Params4bit(w.bfloat16(), requires_grad=False, blocksize=128, compress_statistics=double_quant,
-                              quant_type=quant_type)
-    packed, qs = bnb.functional.quantize_4bit(w.bfloat16(), blocksize=128, compress_statistics=double_quant, quant_type=quant_type)
-    param.data, param.quant_state = packed, qs
-    flat = copy.copy(qs)
-    flat.shape = torch.Size([w.numel()])
-    want = bnb.functional.dequantize_4bit(packed, flat).view(64, 64).float()
+                              quant_type=quant_type).to("cpu")  # quantizes
+    want = bnb_dequantize_flat(param.data, param.quant_state).float()
     got = dequantize_weight(param)
     assert got.dtype == torch.float32 and got.shape == (64, 64)
     assert torch.equal(got, want)

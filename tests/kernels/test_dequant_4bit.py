@@ -13,8 +13,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -23,24 +21,11 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 import graphtune.kernels.dequant_4bit as dq  # noqa: E402
 from graphtune.kernels._dispatch import use_triton  # noqa: E402
 from graphtune.kernels.lora_linear_4bit import lora_linear_4bit, reference_lora_linear_4bit  # noqa: E402
+from tests.bnb_oracle import bnb_dequantize_flat  # noqa: E402  (why flat: see there)
 
 QUANT_TYPES = ["nf4", "fp4"]
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(37, 51), (19, 130), (64, 64)]  # odd element counts (1887 and 2470 are not multiples of 64)
-
-
-def _bnb_dequantize(packed, qs) -> torch.Tensor:
-    """bitsandbytes' ``dequantize_4bit`` -- the oracle -- called on the flat element order.
-
-    Why flat: bitsandbytes 0.50.2's CPU kernel returns wrong values on AVX-512 hosts for a 2-D shape
-    whose blocks span rows (e.g. (64, 64) or (256, 64) at blocksize 128: max error 0.07 against
-    weights of scale 0.05, where the flat call and graphtune give 0.02). A block holds ``blocksize``
-    consecutive elements of the flattened weight either way, so the flat call is the same
-    definition; the result is viewed back to the weight's shape.
-    """
-    flat = copy.copy(qs)
-    flat.shape = torch.Size([qs.shape.numel()])
-    return bnb_functional.dequantize_4bit(packed, flat).view(qs.shape)
 
 
 def _quantize(shape, quant_type, double_quant, blocksize, dtype=torch.float32, **kw):
@@ -70,7 +55,7 @@ def test_code_tables_match_bitsandbytes():
 def test_dequant_equals_bitsandbytes(quant_type, double_quant, blocksize, out_dtype):
     for shape in SHAPES:
         packed, qs = _quantize(shape, quant_type, double_quant, blocksize, dtype=out_dtype)
-        want = _bnb_dequantize(packed, qs)
+        want = bnb_dequantize_flat(packed, qs)
         assert want.dtype == out_dtype
         got = dq.dequantize_4bit(packed, qs.absmax, qs.shape, qs.blocksize, qs.quant_type, out_dtype, **_nested(qs))
         ref = dq.reference_dequantize_4bit(packed, qs.absmax, qs.shape, qs.blocksize, qs.quant_type, out_dtype, **_nested(qs))
@@ -85,7 +70,7 @@ def test_dequant_other_blocksizes_and_quant_storage(blocksize):
     for quant_type in QUANT_TYPES:
         packed, qs = _quantize((71, 132), quant_type, True, blocksize, quant_storage=torch.bfloat16)
         assert packed.dtype == torch.bfloat16
-        want = _bnb_dequantize(packed, qs)
+        want = bnb_dequantize_flat(packed, qs)
         got = dq.dequantize_4bit(packed, qs.absmax, qs.shape, qs.blocksize, qs.quant_type, torch.float32, **_nested(qs))
         assert torch.equal(got, want)
 
@@ -116,7 +101,7 @@ def test_workspace_grows_only_and_is_reused():
     packed, qs = _quantize((19, 24), "fp4", False, 64)
     w = dq.dequantize_4bit_workspace(packed, qs.absmax, qs.shape, 64, "fp4", torch.float32)
     assert w.shape == (19, 24) and w.data_ptr() == large.data_ptr()
-    assert torch.equal(w, _bnb_dequantize(packed, qs))
+    assert torch.equal(w, bnb_dequantize_flat(packed, qs))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,7 +122,7 @@ def _layer(n_out, n_in, quant_type="nf4", double_quant=True, blocksize=64, bias=
         packed=packed, absmax=qs.absmax, nested=nested, quant_type=quant_type, blocksize=blocksize,
         bias=(randn(n_out) * 0.1).to(dtype) if bias else None,
         a=(randn(4, n_in) * 0.2).to(dtype), b=(randn(n_out, 4) * 0.2).to(dtype),
-        n_out=n_out, n_in=n_in, dense=_bnb_dequantize(packed, qs),
+        n_out=n_out, n_in=n_in, dense=bnb_dequantize_flat(packed, qs),
     )
 
 

@@ -34,13 +34,11 @@ PASSES = ["fuse_qlora", "fuse_rms_norm", "fuse_rope", "fuse_swiglu", "fuse_geglu
 MIXED = (("nf4", True, 64), ("fp4", False, 128))  # (quant_type, double quant, blocksize) of attention, MLP
 
 
-def qlora_sizes(family: str) -> dict:
-    """Every projection's in_features a multiple of the largest blocksize used here (256), so that no
-    4-bit block spans two rows. Why: the reference is peft eager on bitsandbytes, and bitsandbytes
-    0.50.2's CPU dequantization is wrong for such blocks on AVX-512 hosts (graphtune's is not; the
-    row-spanning case is covered against bitsandbytes' flat call in tests/kernels/test_dequant_4bit.py)."""
-    head_dim = {"head_dim": 64} if family in ("qwen3", "gemma", "gemma2", "gemma3") else {}
-    return dict(hidden_size=256, intermediate_size=512, **head_dim)
+# Every projection's in_features (hidden, ffn, heads x head_dim) a multiple of the largest blocksize used
+# here (256), so that no 4-bit block spans two rows. Why: the reference is peft eager on bitsandbytes, whose
+# 0.50.2 CPU dequantization is wrong for such blocks on AVX-512 hosts (graphtune's is not; the row-spanning
+# case is covered against bitsandbytes' flat call in tests/kernels/test_dequant_4bit.py).
+QLORA_SIZES = dict(hidden_size=256, intermediate_size=512)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +49,7 @@ def checkpoint(tmp_path_factory):
     def get(family: str):
         if family not in paths:
             paths[family] = tmp_path_factory.mktemp(family)
-            tiny_model(family, num_hidden_layers=1, **qlora_sizes(family)).save_pretrained(paths[family])
+            tiny_model(family, num_hidden_layers=1, **QLORA_SIZES).save_pretrained(paths[family])
         return paths[family]
 
     return get
@@ -94,7 +92,7 @@ def qlora_model(path, family, *, formats=MIXED, compute_dtype=torch.float32, mod
 
 def manual_qlora_model(family, *, quant_type="fp4", double_quant=True, blocksize=256, quant_storage=torch.bfloat16):
     """nn.Linear -> bnb.nn.Linear4bit by hand: peft then wraps them in its generic ``lora.Linear``."""
-    model = tiny_model(family, num_hidden_layers=1, **qlora_sizes(family))
+    model = tiny_model(family, num_hidden_layers=1, **QLORA_SIZES)
     for module in list(model.model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
