@@ -287,16 +287,19 @@ _PREFETCH_WAIT = torch.ops.graphtune.prefetch_wait.default
 
 
 def _hint(v: Any) -> int:
+    """A symbolic size's example value (4096 where there is none), across torch's renames of the helper."""
     if isinstance(v, int):
         return v
-    try:
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
+    from torch.fx.experimental import symbolic_shapes
 
-        return int(optimization_hint(v, fallback=4096))
-    except ImportError:  # older torch
-        from torch.fx.experimental.symbolic_shapes import hint_int
-
-        return int(hint_int(v, fallback=4096))
+    for name in ("optimization_hint", "size_hint"):  # 2.13+, then 2.11-2.12 (where hint_int warns)
+        helper = getattr(symbolic_shapes, name, None)
+        if helper is not None:
+            try:
+                return int(helper(v, fallback=4096))
+            except TypeError:  # a signature without ``fallback``
+                continue
+    return int(symbolic_shapes.hint_int(v, fallback=4096))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -750,12 +753,16 @@ class MemoryPolicy:
         if compiler == "inductor":
             from torch._inductor.compile_fx import compile_fx
 
-            # the plan depends on the budget and is recorded on this policy (the report's memory section):
-            # a cached graph would skip both, so inductor's FX graph cache is off for this compile, on
-            # purpose and quietly (with it on, inductor tries to pickle the partitioner for the key and
-            # logs a "Failed to pickle cache key" warning per graph before bypassing the cache anyway)
-            patches = {"custom_partitioner_fn": _inductor_partitioner(self), "fx_graph_cache": False}
-            return compile_fx(gm, list(example_inputs), config_patches=patches)
+            # AOTAutograd's cache sits above the partition: a hit would skip the plan (it depends on the
+            # budget and on the free memory now, and the report reads it from this policy), so it is
+            # off for this compile. Inductor's FX graph cache sits below it and keys the partitioned
+            # graphs, so it stays on: a later process with the same plan reuses the compiled kernels.
+            import torch._functorch.config as functorch_config
+
+            no_aot_cache = (functorch_config.patch(enable_autograd_cache=False)
+                            if hasattr(functorch_config, "enable_autograd_cache") else contextlib.nullcontext())
+            with no_aot_cache:
+                return compile_fx(gm, list(example_inputs), config_patches={"custom_partitioner_fn": _inductor_partitioner(self)})
         if compiler == "aot_eager":
             from torch._dynamo.backends.common import aot_autograd
             from torch._dynamo.backends.debugging import boxed_nop
@@ -891,18 +898,35 @@ def _replayable(node: fx.Node) -> bool:
     return False
 
 
-def _inductor_partitioner(policy: MemoryPolicy) -> Any:
-    """Inductor's ``custom_partitioner_fn`` must be a ``CustomPartitionerFn`` with a cache uuid."""
-    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+_PARTITIONER_UUID = "graphtune-memory-policy-1"
+
+
+def _inductor_partitioner(policy: MemoryPolicy | None) -> Any:
+    """Inductor's ``custom_partitioner_fn``: a ``CustomPartitionerFn`` whose cache identity is stable.
+
+    The FX graph cache keys the graphs *after* this partition (the plan is in them), so a fixed uuid
+    lets a later process reuse inductor's compile of the same plan, while the partition itself (and
+    the plan recorded for the report) still runs in every process. Pickling, which the cache key
+    does, keeps the uuid only, never the policy and its graphs."""
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn  # here: inductor imports in ~1 s
 
     class GraphtunePartitioner(CustomPartitionerFn):
         def __call__(self, gm, joint_inputs, **kwargs):
+            if policy is None:
+                raise RuntimeError("a graphtune partitioner restored from a pickle has no memory policy")
             return policy.partition(gm, joint_inputs, **kwargs)
 
         def uuid(self):
-            return None  # the decision depends on the budget and on the graph: never cache
+            return _PARTITIONER_UUID
+
+        def __reduce__(self):
+            return (_restored_partitioner, ())
 
     return GraphtunePartitioner()
+
+
+def _restored_partitioner() -> Any:
+    return _inductor_partitioner(None)
 
 
 # ---------------------------------------------------------------------------------------------
