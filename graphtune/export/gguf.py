@@ -164,6 +164,24 @@ def _no_gc_after_compile():
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _no_bnb_cpu_repacking(model: torch.nn.Module):
+    """bitsandbytes' ``Linear4bit.forward`` on a CPU with AVX512-BF16, in eval mode without grad (the
+    export's capture), converts its weight in place to a CPU kernel layout with bf16 absmax. Traced,
+    that conversion would put ``set_`` on the weights into the graph (the roles then see no
+    projection) and leave the model converted. Its per-module switch is off while capturing and
+    restored after; a weight converted before (CPU inference) is read in that layout by
+    ``merge.dequantize_weight``."""
+    switched = [(m, m.support_avx512bf16_for_cpu) for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for m, _ in switched:
+        m.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for m, value in switched:
+            m.support_avx512bf16_for_cpu = value
+
+
 def capture_graph(model: torch.nn.Module, *, capture_layers: int | None = 2):
     """The captured, rewritten graph of ``model`` (graphtune's ``CapturedGraph``) for export.
 
@@ -193,7 +211,7 @@ def capture_graph(model: torch.nn.Module, *, capture_layers: int | None = 2):
         emb = _unwrap(model).get_input_embeddings()
         n_vocab = int(emb.weight.shape[0]) if emb is not None else 8
         ids = (torch.arange(4) % max(1, n_vocab)).unsqueeze(0).to(_device(model))
-        with torch.no_grad(), _no_gc_after_compile():
+        with torch.no_grad(), _no_gc_after_compile(), _no_bnb_cpu_repacking(model):
             compiled(input_ids=ids, use_cache=False)
     except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
         from graphtune.errors import CaptureError

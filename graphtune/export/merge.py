@@ -71,6 +71,9 @@ def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
         from graphtune.kernels.dequant_4bit import dequantize_4bit
 
         qs = weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            packed, absmax = _from_bnb_cpu_layout(weight.data, qs)
+            return dequantize_4bit(packed, absmax, tuple(qs.shape), qs.blocksize, qs.quant_type, torch.float32).cpu()
         nested = dict(absmax2=qs.state2.absmax, code2=qs.state2.code, offset=qs.offset,
                       blocksize2=qs.state2.blocksize) if qs.nested else {}
         dense = dequantize_4bit(weight.data, qs.absmax, tuple(qs.shape), qs.blocksize, qs.quant_type, qs.dtype, **nested)
@@ -78,6 +81,27 @@ def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
     if cls == "Int8Params" and getattr(weight, "SCB", None) is not None:
         return (weight.data.float() * weight.SCB.float().unsqueeze(1) / 127.0).cpu()
     return weight.detach().float().cpu()
+
+
+def _from_bnb_cpu_layout(data: torch.Tensor, qs: Any, block_n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(standard packed bytes, fp32 absmax) of a 4-bit weight in bitsandbytes' CPU kernel layout.
+
+    bitsandbytes converts a ``Linear4bit`` weight to that layout on its first CPU inference with
+    AVX512-BF16: the nibbles of each group of ``block_n`` rows are interleaved ([N, K/2] bytes, the
+    low nibbles of 32 values then their high nibbles), and absmax becomes bf16, shaped
+    [K / blocksize, N] (double quantization undone). The values that model computes with are
+    those codes times that bf16 absmax, which this recovers exactly: the nibble order is
+    inverted, and the absmax is widened from bf16, with no re-quantization."""
+    n, k = (int(v) for v in qs.shape)
+    if data.dtype != torch.uint8 or tuple(data.shape) != (n, k // 2) or n % block_n or k % 2:
+        raise ValueError(f"a bitsandbytes CPU-layout 4-bit weight of shape {tuple(qs.shape)} should be [{n}, {k // 2}] uint8, "
+                         f"not {tuple(data.shape)} {data.dtype}")
+    bytes_ = data.reshape(-1, block_n)
+    groups = torch.cat([bytes_ & 0xF, bytes_ >> 4], dim=-1)  # [-1, 2 * block_n] codes, in the kernel's order
+    codes = groups.reshape(n // block_n, k // 2, block_n, 2).transpose(1, 2).reshape(-1)  # row-major [N, K]
+    packed = (codes[0::2] << 4) | codes[1::2]
+    absmax = qs.absmax.float().T.reshape(-1).contiguous()
+    return packed.to(torch.uint8).contiguous(), absmax
 
 
 def weight_shape(weight: torch.Tensor) -> tuple[int, ...]:

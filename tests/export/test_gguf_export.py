@@ -19,7 +19,7 @@ from graphtune.export import (
     to_gguf,
     write_modelfile,
 )
-from graphtune.export.gguf import Lowering
+from graphtune.export.gguf import Lowering, _no_bnb_cpu_repacking
 from tests.export.helpers import dequantized_reference, hf_logits, make_model
 
 
@@ -172,11 +172,66 @@ def test_save_merged_qlora_dequantizes(tmp_path, spm_tokenizer):
     assert low.family.name == "llama"  # not phi3: bitsandbytes' gemm_4bit nodes are projections too
     merged = transformers.AutoModelForCausalLM.from_pretrained(save_merged(pm, tmp_path / "m", progress=False)).eval()
     ids = list(range(3, 20))
-    np.testing.assert_allclose(hf_logits(merged, ids), hf_logits(pm, ids), atol=1e-4, rtol=0)
+    # the oracle is bitsandbytes on the weights as quantized: on an AVX512-BF16 CPU its inference path
+    # would first convert them to its CPU layout with bf16 absmax, i.e. other numbers
+    with _no_bnb_cpu_repacking(pm):
+        want = hf_logits(pm, ids)
+    np.testing.assert_allclose(hf_logits(merged, ids), want, atol=1e-4, rtol=0)
     # the GGUF of the QLoRA model holds the same merged weights (read back through the family's inverse)
     s = to_gguf(pm, spm_tokenizer, tmp_path / "q.gguf", quant="F32", progress=False, captured=low.captured)
     ref = dequantized_reference(low, s.path)
-    np.testing.assert_allclose(hf_logits(ref, ids), hf_logits(pm, ids), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(hf_logits(ref, ids), want, atol=1e-4, rtol=0)
+    assert not any(getattr(getattr(m, "weight", None), "quant_state", None) is not None
+                   and getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in pm.modules())
+
+
+def test_capture_keeps_bitsandbytes_from_converting_weights_on_cpu(tmp_path):
+    """On an AVX512-BF16 CPU, bitsandbytes converts a Linear4bit weight in place during eval inference;
+    the export's capture switches that off per module (and restores the switch), on any host: here the
+    switch is forced on, as such a CPU sets it."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    make_model("llama", hidden=64, lora=False).save_pretrained(tmp_path / "base")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    try:
+        qm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    except Exception as e:  # noqa: BLE001 - bitsandbytes without a CPU backend
+        pytest.skip(f"bitsandbytes 4-bit cannot load on this machine: {e}")
+    linears = [m for m in qm.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert linears
+    for m in linears:
+        m.support_avx512bf16_for_cpu = 1  # what bitsandbytes' has_avx512bf16() returns on such a CPU
+    low = Lowering(qm.eval())
+    assert low.family.name == "llama"
+    assert all(m.support_avx512bf16_for_cpu == 1 for m in linears)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in linears)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_weight_reads_bitsandbytes_cpu_layout(double_quant):
+    """A weight bitsandbytes already converted to its CPU kernel layout (CPU inference before the export)
+    dequantizes to the values that model now computes with: the same codes, absmax rounded to bf16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    if not hasattr(bnbf, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU weight layout")
+    from graphtune.export.merge import dequantize_weight
+    from graphtune.kernels.dequant_4bit import dequantize_4bit
+
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(5)) * 0.05
+    param = bnb.nn.Params4bit(w, requires_grad=False, blocksize=64, compress_statistics=double_quant,
+                              quant_type="nf4").to("cpu")
+    qs = param.quant_state
+    absmax = (bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset) if qs.nested else qs.absmax
+    want = dequantize_4bit(param.data, absmax.float().bfloat16().float(), (96, 128), 64, "nf4", torch.float32)
+    assert not torch.equal(want, dequantize_weight(param))  # the bf16 absmax is another model
+    param.data, param.quant_state = bnbf._convert_weight_packed_for_cpu(param.data, qs)
+    assert param.quant_state.packing_format_for_cpu
+    got = dequantize_weight(param)
+    assert got.dtype == torch.float32 and got.shape == (96, 128)
+    assert torch.equal(got, want)
 
 
 def test_modelfile_converts_chatml_and_notes_unknown_templates(bpe_tokenizer, tmp_path):
