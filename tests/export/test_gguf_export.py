@@ -151,18 +151,24 @@ def test_save_merged_round_trip(tmp_path, spm_tokenizer):
     assert (out / "tokenizer.json").exists() and not list(out.glob(".*tmp*"))
 
 
+def _nf4_llama(tmp_path):
+    """A tiny Llama saved and reloaded as bitsandbytes NF4 on the CPU (fp32 compute), or a skip."""
+    import transformers
+
+    make_model("llama", hidden=64, lora=False).save_pretrained(tmp_path / "base")
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
+    except Exception as e:  # noqa: BLE001 - bitsandbytes without a CPU backend
+        pytest.skip(f"bitsandbytes 4-bit cannot load on this machine: {e}")
+
+
 def test_save_merged_qlora_dequantizes(tmp_path, spm_tokenizer):
     pytest.importorskip("bitsandbytes")
     import peft
     import transformers
 
-    base = make_model("llama", hidden=64, lora=False)
-    base.save_pretrained(tmp_path / "base")
-    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
-    try:
-        qm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
-    except Exception as e:  # noqa: BLE001 - bitsandbytes without a CPU backend
-        pytest.skip(f"bitsandbytes 4-bit cannot load on this machine: {e}")
+    qm = _nf4_llama(tmp_path)
     pm = peft.get_peft_model(qm, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -190,14 +196,7 @@ def test_capture_keeps_bitsandbytes_from_converting_weights_on_cpu(tmp_path):
     the export's capture switches that off per module (and restores the switch), on any host: here the
     switch is forced on, as such a CPU sets it."""
     pytest.importorskip("bitsandbytes")
-    import transformers
-
-    make_model("llama", hidden=64, lora=False).save_pretrained(tmp_path / "base")
-    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
-    try:
-        qm = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=q, device_map="cpu")
-    except Exception as e:  # noqa: BLE001 - bitsandbytes without a CPU backend
-        pytest.skip(f"bitsandbytes 4-bit cannot load on this machine: {e}")
+    qm = _nf4_llama(tmp_path)
     linears = [m for m in qm.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert linears
     for m in linears:
