@@ -16,13 +16,16 @@ block must be no-ops (they are: fuse_lora requires x and the weights to share on
 Never fires when: any of the three projections has no LoRA (it is then not a ``lora_linear``);
 lora_dropout > 0 (the down projection's LoRA reads peft's ``dropout(p)``, which needs ``p``
 materialised -- refused with that reason, the block keeps its lora_linear/GLU nodes and q/k/v are
-still grouped by group_lora); a scaling is not a literal; dtypes differ or a cast is not a no-op;
+still grouped by group_lora); the projections are peft's mixed-precision form (fp32 adapters on a
+half base: ``lora_linear`` with ``out_dtype``, refused with that reason); a scaling is not a literal;
+dtypes differ or a cast is not a no-op;
 a base weight requires grad; weight shapes do not chain; or an intermediate (gate, up, p) is used
 outside the block.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -31,9 +34,9 @@ from torch.nn.functional import dropout
 
 import graphtune.kernels.lora_mlp  # noqa: F401  (registers graphtune::lora_mlp)
 from graphtune.passes._guards import check_literal_number, check_tensor, known_eq
-from graphtune.passes.base import GraphContext, Match, Pass, Rewrite, module_stack
-from graphtune.passes.group_lora import is_lora_linear
-from graphtune.report import PassResult
+from graphtune.passes.base import GraphContext, Match, Pass, Rewrite, module_path, module_stack
+from graphtune.passes.group_lora import is_lora_linear, is_mixed_precision_lora_linear, mixed_precision_reason
+from graphtune.report import PassResult, Refusal
 
 LL = torch.ops.graphtune.lora_linear
 LORA_MLP_TARGETS = (torch.ops.graphtune.lora_mlp, torch.ops.graphtune.lora_mlp.default)
@@ -193,6 +196,11 @@ class FuseLoRAMLP(Pass):
         result = super().__call__(gm, ctx)
         if result.count:
             self._finish(gm)
+        for node in gm.graph.nodes:  # blocks of peft's mixed-precision form: said, never silently skipped
+            if node.op == "call_function" and node.target in ACTIVATION_TARGETS and _reads_and_feeds(node, is_mixed_precision_lora_linear):
+                down = next(u for u in node.users if is_mixed_precision_lora_linear(u))
+                result.refused.append(Refusal(site=module_path(node) or node.name, rewrite="lora_mlp",
+                                              reason=mixed_precision_reason(down, ctx, "lora_mlp")))
         result.sites = [self._mlp_sites.get(s, s) for s in result.sites]
         for r in result.refused:
             r.site = self._mlp_sites.get(r.site, r.site)
@@ -216,7 +224,8 @@ class FuseLoRAMLP(Pass):
         gm.recompile()
 
     def is_candidate_module(self, class_name: str, nodes: list[fx.Node]) -> bool:
-        """An MLP whose gated activation reads a LoRA projection and feeds one (maybe via dropout)."""
+        """An MLP whose gated activation reads a LoRA projection and feeds one (maybe via dropout), in
+        either form of ``lora_linear`` (peft's mixed precision is refused with its reason)."""
         if not class_name.endswith("MLP"):
             return False
         for n in nodes:
@@ -224,9 +233,21 @@ class FuseLoRAMLP(Pass):
                 feeds_lora = any(
                     is_lora_linear(u) or (u.target is dropout and any(is_lora_linear(v) for v in u.users)) for u in n.users
                 )
-                if feeds_lora and any(is_lora_linear(m) for m in nodes):
+                if (feeds_lora and any(is_lora_linear(m) for m in nodes)) or _reads_and_feeds(n, is_mixed_precision_lora_linear):
                     return True
         return False
+
+
+def _reads_and_feeds(activation: fx.Node, is_projection) -> bool:
+    """The gated activation reads a projection of that kind (directly or via Phi-3's chunk) and feeds one."""
+    def source(a):  # through getitem / chunk / a cast back to the projection
+        while isinstance(a, fx.Node) and not is_projection(a) and a.op in ("call_function", "call_method") and a.args \
+                and (a.target is operator.getitem or a.target in ("chunk", "to") or a.target is torch.chunk):
+            a = a.args[0]
+        return a
+
+    reads = any(is_projection(source(a)) for a in activation.args if isinstance(a, fx.Node))
+    return reads and any(is_projection(u) for u in activation.users)
 
 
 __all__ = ["FuseLoRAMLP", "can_fuse_lora_mlp", "make_rewrites"]

@@ -11,7 +11,8 @@ saves in memory and work is in :mod:`graphtune.kernels.lora_group`.
 Why a scan and not a pattern: a group is "every lora_linear with this input", of any size, not a
 fixed subgraph; ``SubgraphMatcher`` patterns would need one pattern per member count and order.
 
-Never fires when: fewer than two members share ``x`` and ``x_lora``; a scaling is not a literal
+Never fires when: fewer than two members share ``x`` and ``x_lora``; the members are peft's
+mixed-precision form (``lora_linear`` with ``out_dtype``: refused with that reason); a scaling is not a literal
 number; x, x_lora, base and LoRA weights differ in dtype or are unsupported; a base weight requires
 grad; a member input is defined after the first member (no insertion point keeps the graph in order).
 
@@ -50,6 +51,26 @@ def is_lora_linear(node: Any) -> bool:
 
 
 GROUP_TARGETS = (torch.ops.graphtune.lora_linear_group, torch.ops.graphtune.lora_linear_group.default)
+
+
+def is_mixed_precision_lora_linear(node: Any) -> bool:
+    """A ``lora_linear`` in peft's mixed-precision form (fp32 adapters on a half base): ``out_dtype``
+    given, the fp32 cast of x inside the op. The block ops (``lora_linear_group``, ``lora_mlp``)
+    take one dtype for x, weights and adapters, so they leave these projections fused one by one."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target in LORA_LINEAR_TARGETS
+        and (len(node.args) == 8 or "out_dtype" in node.kwargs)
+    )
+
+
+def mixed_precision_reason(node: fx.Node, ctx: GraphContext, op: str) -> str:
+    base, adapter = ctx.example(node.args[WEIGHT]), ctx.example(node.args[LORA_A])
+    dtypes = (f"{str(adapter.dtype).removeprefix('torch.')} adapters on a {str(base.dtype).removeprefix('torch.')} base"
+              if base is not None and adapter is not None else "adapters in another dtype than the base")
+    return (f"peft's mixed-precision projections ({dtypes}, lora_linear with out_dtype) stay fused one by one: "
+            f"{op} takes one dtype for x, base weights and adapters")
 
 
 def grouped_member_bias(node: Any) -> tuple[bool, Any]:
@@ -114,9 +135,16 @@ class GroupLoRA(Pass):
         result = PassResult(name=self.name)
         graph = gm.graph
         by_x: dict[fx.Node, list[fx.Node]] = {}
+        mixed: dict[fx.Node, list[fx.Node]] = {}
         for node in graph.nodes:
             if is_lora_linear(node) and isinstance(node.args[X], fx.Node):
                 by_x.setdefault(node.args[X], []).append(node)
+            elif is_mixed_precision_lora_linear(node) and isinstance(node.args[X], fx.Node):
+                mixed.setdefault(node.args[X], []).append(node)
+        for x, readers in mixed.items():
+            if len(readers) >= 2:
+                result.refused.append(Refusal(site=_site(readers), rewrite="same_input",
+                                              reason=mixed_precision_reason(readers[0], ctx, "lora_linear_group")))
         for x, readers in by_x.items():
             if len(readers) < 2:
                 continue

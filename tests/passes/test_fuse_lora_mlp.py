@@ -92,3 +92,24 @@ def test_lora_dropout_is_refused_and_keeps_peft_masks():
     assert len(group.refused) == 4
     unmatched = [u for u in report.unmatched if u.expected_pass == "fuse_lora_mlp"]
     assert len(unmatched) == 2 and all("lora_dropout" in u.reason for u in unmatched)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gemma"])
+def test_mixed_precision_blocks_are_refused_with_the_reason(family):
+    """peft's default on a bf16 model (fp32 adapters) is fused projection by projection; the MLP block and
+    the q/k/v group are not, and the report says why instead of a silent count of 0."""
+    model = tiny_model(family, lora=True, dtype=torch.bfloat16, num_hidden_layers=2)
+    model.train()
+    report = graphtune.explain(model, **tiny_batch(2, 9))
+    assert report.counts["fuse_lora"] > 0 and report.counts["fuse_lora_mlp"] == 0 and report.counts["group_lora"] == 0
+    mlp = next(p for p in report.passes if p.name == "fuse_lora_mlp")
+    mlps = {f"base_model.model.model.layers.{i}.mlp" for i in range(2)}
+    assert {r.site for r in mlp.refused} == mlps
+    assert all("mixed-precision" in r.reason and "float32 adapters on a bfloat16 base" in r.reason for r in mlp.refused)
+    unmatched = {u.module: u.reason for u in report.unmatched if u.expected_pass == "fuse_lora_mlp"}
+    assert unmatched.keys() == mlps and all("mixed-precision" in r for r in unmatched.values())
+    group = next(p for p in report.passes if p.name == "group_lora")
+    attention = {f"base_model.model.model.layers.{i}.self_attn" for i in range(2)}
+    want = set() if family == "phi3" else attention | mlps  # Phi-3's qkv and gate_up are one projection each
+    assert {r.site for r in group.refused} == want
+    assert all("lora_linear_group takes one dtype" in r.reason for r in group.refused)
