@@ -18,8 +18,9 @@ backward graphs, which is where AOTAutograd's min-cut partitioner decides what t
   wait ops are ordering edges, so no scheduler can move a copy past the point that frees its memory;
 * **keep** everything else, as the partitioner decided.
 
-The plan is picked from a ladder ordered by extra cost: the partitioner's default, then the first
-1, 2, ... L decoder layers recomputed, then (all layers recomputed) the saved activations offloaded
+The plan is picked from a ladder ordered by extra cost: the partitioner's default; then each kept
+layer's GLU product and RMSNorm outputs recomputed (their inputs are saved anyway, so this costs a
+few memory-bound kernels); then, on top of that, the first 1, 2, ... L decoder layers recomputed; then (all layers recomputed) the saved activations offloaded
 one by one in forward order -- PCIe is ~50x slower than HBM, so offloading comes after recomputing,
 and at the end of the ladder it is unsloth's offloaded checkpointing (layer inputs on the host,
 layers recomputed). Each candidate is partitioned for real and its activation peak is estimated by
@@ -635,11 +636,16 @@ def _saved_placeholders(placeholders: list[fx.Node], saved_outs: list[Any]) -> l
 class Plan:
     checkpoint: tuple[str, ...] = ()  # decoder layers recomputed in the backward
     offload: int = 0  # how many offload candidates (in forward order) go to host memory
+    products: bool = False  # in the layers kept, recompute the GLU products and norm outputs
 
     def describe(self, n_layers: int) -> str:
-        if not self.checkpoint and not self.offload:
+        products = self.products and len(self.checkpoint) < n_layers
+        if not self.checkpoint and not self.offload and not products:
             return "keep (partitioner default)"
         parts = [f"recompute {len(self.checkpoint)}/{n_layers} layers"] if self.checkpoint else []
+        if products:
+            kept = n_layers - len(self.checkpoint)
+            parts.append(f"recompute the GLU products and norm outputs of {kept} layer{'s' if kept != 1 else ''}")
         if self.offload:
             parts.append(f"offload {self.offload} saved tensors")
         return " + ".join(parts)
@@ -837,7 +843,8 @@ class MemoryPolicy:
         target = self.budget.target(free_device_memory(self.device))
         if default.peak <= target:
             return Plan(), target, True
-        ladder = [Plan(checkpoint=tuple(layers[:n])) for n in range(1, len(layers) + 1)]
+        # the cheap products ride along in the layers still kept (with every layer recomputed there are none)
+        ladder = [Plan(checkpoint=tuple(layers[:n]), products=n < len(layers)) for n in range(len(layers) + 1)]
         full = ladder[-1] if ladder else Plan()
         n_off = len(offload_candidates(run(full)[0], num_fwd_outputs))
         ladder += [Plan(checkpoint=full.checkpoint, offload=k) for k in range(1, n_off + 1)]
@@ -862,7 +869,7 @@ class MemoryPolicy:
         from torch._functorch.partitioners import min_cut_rematerialization_partition
         from torch.utils.checkpoint import CheckpointPolicy
 
-        if plan.checkpoint:
+        if plan.checkpoint or plan.products:
             regions = layer_regions(joint.graph)
             for gid, path in enumerate(plan.checkpoint, start=1):
                 for node in regions.get(path, ()):
@@ -870,7 +877,30 @@ class MemoryPolicy:
                         continue
                     node.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
                     node.meta["ac_graph_id"] = gid
+            if plan.products:  # one region per recomputed op: only that op reruns, from saved inputs
+                gid = len(plan.checkpoint) + 1
+                for path, nodes in regions.items():
+                    if path in plan.checkpoint:
+                        continue
+                    for node in nodes:
+                        if not _cheap_to_recompute(node) or node.meta.get("recompute") is not None:
+                            continue
+                        for n in (node, *(u for u in node.users if u.target is operator.getitem)):
+                            n.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+                            n.meta["ac_graph_id"] = gid
+                        gid += 1
         return min_cut_rematerialization_partition(joint, joint_inputs, **_min_cut_kwargs(kwargs))
+
+
+# elementwise ops whose inputs a layer's backward holds anyway (gate and up; the norm's input): rerunning
+# them costs one memory-bound kernel each and frees their outputs, the largest being the MLP's product
+# (names: this module does not import the kernels that register them)
+CHEAP_RECOMPUTE = frozenset({"graphtune::swiglu", "graphtune::geglu", "graphtune::rms_norm"})
+
+
+def _cheap_to_recompute(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    return schema is not None and schema.name in CHEAP_RECOMPUTE
 
 
 def _replayable(node: fx.Node) -> bool:

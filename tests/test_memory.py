@@ -252,6 +252,30 @@ def test_shrinking_budget_keeps_then_recomputes_then_offloads(llama_ladder):
     assert all(name.startswith(("embedding", "add")) for name in decisions[-1].offloaded)
 
 
+@pytest.mark.parametrize("family, compiler, per_layer", [
+    ("llama", "aot_eager", 3),  # swiglu and the two norms
+    # geglu and the two norms whose outputs a backward reads (the post-attention / post-MLP norms feed
+    # only residual adds, so nothing of theirs is saved to recompute)
+    pytest.param("gemma2", "inductor", 3, marks=pytest.mark.slow),
+])
+def test_first_rung_recomputes_only_the_cheap_products(family, compiler, per_layer, request):
+    """Just below the default plan's peak, no layer is recomputed: only each layer's GLU product and
+    RMSNorm outputs rerun in the backward (their inputs are saved anyway), and the numbers match eager."""
+    cap = request.getfixturevalue(family)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        policy, fn = cap.compile(0.95, compiler=compiler)
+    cap.check_numerics(fn)  # (inductor compiles the backward here)
+    d = policy.last
+    assert not d.checkpointed and not d.offloaded
+    assert d.plan == "recompute the GLU products and norm outputs of 4 layers"
+    assert d.estimate.saved_bytes < d.default_estimate.saved_bytes and d.estimate.peak <= d.target_bytes
+    rerun = [n for n in d.backward_graph.graph.nodes if n.op == "call_function" and memory._cheap_to_recompute(n)]
+    assert len(rerun) == 4 * per_layer
+    if compiler == "aot_eager":
+        assert d.recomputed_ops == 4 * per_layer  # nothing else reruns
+
+
 def test_offload_and_prefetch_are_placed_around_the_uses(llama_ladder):
     d = llama_ladder[0.0][0]
     fw, bw = d.forward_graph, d.backward_graph
