@@ -20,8 +20,9 @@ backward graphs, which is where AOTAutograd's min-cut partitioner decides what t
 
 The plan is picked from a ladder ordered by extra cost: the partitioner's default; then each kept
 layer's GLU product and RMSNorm outputs recomputed (their inputs are saved anyway, so this costs a
-few memory-bound kernels); then, on top of that, the first 1, 2, ... L decoder layers recomputed; then (all layers recomputed) the saved activations offloaded
-one by one in forward order -- PCIe is ~50x slower than HBM, so offloading comes after recomputing,
+few memory-bound kernels); then, on top of that, the first 1, 2, ... L decoder layers recomputed;
+then (all layers recomputed) the saved activations offloaded one by one in forward order -- PCIe
+is ~50x slower than HBM, so offloading comes after recomputing,
 and at the end of the ladder it is unsloth's offloaded checkpointing (layer inputs on the host,
 layers recomputed). Each candidate is partitioned for real and its activation peak is estimated by
 walking both graphs in execution order (:func:`estimate_peak`); the first plan whose peak fits the

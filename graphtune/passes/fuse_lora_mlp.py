@@ -240,9 +240,10 @@ class FuseLoRAMLP(Pass):
 
 def _reads_and_feeds(activation: fx.Node, is_projection) -> bool:
     """The gated activation reads a projection of that kind (directly or via Phi-3's chunk) and feeds one."""
-    def source(a):  # through getitem / chunk / a cast back to the projection
-        while isinstance(a, fx.Node) and not is_projection(a) and a.op in ("call_function", "call_method") and a.args \
-                and (a.target is operator.getitem or a.target in ("chunk", "to") or a.target is torch.chunk):
+    def source(a):  # Phi-3: getitem(gate_up.chunk(2)) -> gate_up
+        if isinstance(a, fx.Node) and a.target is operator.getitem:
+            a = a.args[0]
+        if isinstance(a, fx.Node) and a.op == "call_method" and a.target == "chunk":
             a = a.args[0]
         return a
 
